@@ -161,18 +161,7 @@ class BPETokenizer:
         `allowed_special` lists those to encode as special ids, and any other special token
         in `disallowed_special` found in the text is an error (pass `disallowed_special=()` to
         encode such strings as ordinary text)."""
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise ScratchError(f"allowed_special names {sorted(unknown)}, which this tokenizer "
-                               f"does not have; its special tokens are {sorted(self.special_tokens)}")
-        disallowed = (set(self.special_tokens) if disallowed_special == "all"
-                      else set(disallowed_special)) - allowed
-        for s in disallowed:
-            if s in text:
-                raise ScratchError(
-                    f"text contains the special token {s!r}; pass allowed_special={{{s!r}}} to "
-                    "encode it as a special token, or disallowed_special=() to encode it as text")
+        allowed = self._check_special(text, allowed_special, disallowed_special)
         if not allowed:
             return self.encode_ordinary(text)
         # Longest first, so that a special token that contains another one wins.
@@ -186,6 +175,23 @@ class BPETokenizer:
             elif part:
                 ids.extend(self.encode_ordinary(part))
         return ids
+
+    def _check_special(self, text: str, allowed_special: SpecialSet,
+                       disallowed_special: SpecialSet) -> set[str]:
+        """The allowed special tokens; raises if `text` holds a disallowed one."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ScratchError(f"allowed_special names {sorted(unknown)}, which this tokenizer "
+                               f"does not have; its special tokens are {sorted(self.special_tokens)}")
+        disallowed = (set(self.special_tokens) if disallowed_special == "all"
+                      else set(disallowed_special)) - allowed
+        for s in disallowed:
+            if s in text:
+                raise ScratchError(
+                    f"text contains the special token {s!r}; pass allowed_special={{{s!r}}} to "
+                    "encode it as a special token, or disallowed_special=() to encode it as text")
+        return allowed
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text`, with special-token strings treated as plain text."""
@@ -212,22 +218,24 @@ class BPETokenizer:
             ids = _merge_word(ids, self.merges[best - 256], best)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], fast: bool = True, **special) -> list[list[int]]:
-        """Encode many texts; `fast=True` runs them through tiktoken built from these merges
-        (several threads, identical ids), `fast=False` through the reference encoder."""
-        if fast:
-            from scratchlm.tokenizer.fast import to_tiktoken
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        allowed_special: SpecialSet = (),
+        disallowed_special: SpecialSet = "all",
+        fast: bool = True,
+    ) -> list[list[int]]:
+        """Encode many texts. `fast=True` runs them through tiktoken built from these merges
+        (several threads, identical ids); `fast=False` through the reference encoder."""
+        if not fast:
+            return [self.encode(t, allowed_special, disallowed_special) for t in texts]
+        from scratchlm.tokenizer.fast import to_tiktoken
 
-            enc = to_tiktoken(self)
-            special = {"allowed_special": set(special.get("allowed_special", ())),
-                       "disallowed_special": special.get("disallowed_special", "all")}
-            if special["allowed_special"] == {"all"}:
-                special["allowed_special"] = "all"
-            try:
-                return enc.encode_batch(list(texts), **special)
-            except ValueError as e:
-                raise ScratchError(f"{e}".splitlines()[0]) from None
-        return [self.encode(t, **special) for t in texts]
+        allowed: set[str] = set()
+        for text in texts:
+            allowed = self._check_special(text, allowed_special, disallowed_special)
+        return to_tiktoken(self).encode_batch(list(texts), allowed_special=allowed,
+                                              disallowed_special=())
 
     # ----------------------------------------------------------------------------------------
     # decoding
@@ -313,7 +321,7 @@ def count_chunks(
     cut = (regex.compile("|".join(regex.escape(s) for s in special_tokens))
            if special_tokens else None)
     counts: Counter[str] = Counter()
-    with tqdm(desc="counting chunks", unit="B", unit_scale=True, disable=not progress) as bar:
+    with tqdm(desc="counting chunks", unit="char", unit_scale=True, disable=not progress) as bar:
         for text in iter_source_text(sources, errors):
             for part in (cut.split(text) if cut else (text,)):
                 counts.update(split.findall(part))

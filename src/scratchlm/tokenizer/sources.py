@@ -17,8 +17,23 @@ Source = str | os.PathLike | Iterable[str]
 BLOCK_BYTES = 1 << 20  # 1 MiB of text per block: large enough to amortise regex calls
 
 
+def _safe_cut(text: str) -> int:
+    """The end of the last line that is followed by a non-space character, or 0.
+
+    The split regexes glue runs of whitespace (e.g. "\n\n") into one chunk, so a block may only
+    end where no chunk can continue: after a line break whose next character is not a space.
+    """
+    end = len(text)
+    while (pos := text.rfind("\n", 0, end)) >= 0:
+        if pos + 1 < len(text) and not text[pos + 1].isspace():
+            return pos + 1
+        end = pos
+    return 0
+
+
 def iter_file_text(path: str | os.PathLike, errors: str = "strict") -> Iterator[str]:
-    """Yield a UTF-8 file's text in blocks that end on a line break.
+    """Yield a UTF-8 file's text in blocks that end on a line break, cut where the built-in
+    split patterns give the same chunks as for the whole file.
 
     `errors="strict"` raises a ScratchError naming the file and the byte offset of the first
     invalid byte; `errors="replace"` substitutes U+FFFD and carries on.
@@ -45,7 +60,7 @@ def iter_file_text(path: str | os.PathLike, errors: str = "strict") -> Iterator[
                 if text:
                     yield text
                 return
-            cut = text.rfind("\n") + 1
+            cut = _safe_cut(text)
             pending = text[cut:]
             if cut:
                 yield text[:cut]

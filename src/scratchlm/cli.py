@@ -1,0 +1,224 @@
+"""The `scratchlm` command: one verb per pipeline stage.
+
+Each verb parses its flags here and calls the library; a ScratchError (bad input) is printed as
+one line, `error: ...`, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from scratchlm import __version__
+from scratchlm.errors import ScratchError
+
+Handler = Callable[[argparse.Namespace, list[str]], int]
+
+
+def expand_inputs(paths: Sequence[str]) -> list[Path]:
+    """Files named directly, plus every file under a named directory (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise ScratchError(f"{p}: directory has no files to read")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ScratchError(f"{p}: no such file or directory; check the --input path")
+    return files
+
+
+def read_stdin_text(errors: str) -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ScratchError(f"standard input is not valid UTF-8 at byte offset {e.start}; "
+                           "convert it to UTF-8 or pass --errors replace") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.tokenizer import BPETokenizer
+
+    sources: list = expand_inputs(args.input) if args.input else []
+    if args.builtin:
+        from scratchlm.data.builtin import iter_scenes
+
+        sources.append(s.text for s in iter_scenes())
+    if not sources:
+        raise ScratchError("no training text: pass --input PATH... and/or --builtin")
+    tok = BPETokenizer.train(sources, args.vocab_size, args.pattern, args.special_tokens,
+                             errors=args.errors, progress=not args.quiet)
+    path = tok.save(args.out)
+    print(f"trained {tok!r}; wrote {path} and {path.parent / 'tokenizer.json'}")
+    return 0
+
+
+def cmd_tokenizer_encode(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.load(args.tokenizer)
+    text = read_stdin_text(args.errors)
+    allowed = "all" if args.allow_special else ()
+    ids = (tok.encode(text, allowed_special=allowed) if args.reference
+           else tok.encode_batch([text], allowed_special=allowed)[0])
+    print(" ".join(map(str, ids)))
+    return 0
+
+
+def cmd_tokenizer_decode(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.load(args.tokenizer)
+    words = sys.stdin.read().split()
+    try:
+        ids = [int(w) for w in words]
+    except ValueError:
+        bad = next(w for w in words if not w.lstrip("-").isdigit())
+        raise ScratchError(f"standard input must be whitespace-separated token ids; "
+                           f"found {bad!r}") from None
+    sys.stdout.buffer.write(tok.decode_bytes(ids))
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.tokenizer import BPETokenizer
+    from scratchlm.tokenizer.stats import format_stats, tokenizer_stats
+
+    tok = BPETokenizer.load(args.tokenizer)
+    print(format_stats(tokenizer_stats(tok, expand_inputs(args.input), args.errors)))
+    return 0
+
+
+def cmd_tokenizer_import_gpt2(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.tokenizer import from_gpt2
+
+    d = Path(args.gpt2_dir)
+    tok = from_gpt2(d / "encoder.json", d / "vocab.bpe")
+    path = tok.save(args.out)
+    print(f"imported {tok!r}; wrote {path}")
+    return 0
+
+
+def cmd_tokenizer_export_gpt2(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.tokenizer import BPETokenizer, save_gpt2
+
+    save_gpt2(BPETokenizer.load(args.tokenizer), args.out)
+    print(f"wrote {Path(args.out) / 'encoder.json'} and {Path(args.out) / 'vocab.bpe'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scratchlm.config import Config, load_config
+    from scratchlm.demo import run_demo
+
+    cfg = load_config(Config, args.config, overrides)
+    report = run_demo(cfg, Path(args.out), progress=not args.quiet)
+    print(f"demo finished; report: {report}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scratchlm",
+        description="Build a large language model from scratch: tokenizer, data, model, "
+                    "training, fine-tuning, alignment, evaluation.")
+    parser.add_argument("--version", action="version", version=f"scratchlm {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    tok = verbs.add_parser("tokenizer", help="train, use and convert byte-level BPE tokenizers")
+    tok_verbs = tok.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    train = tok_verbs.add_parser("train", help="train a tokenizer on text files")
+    train.add_argument("--input", nargs="+", metavar="PATH",
+                       help="UTF-8 text files or directories of them")
+    train.add_argument("--builtin", action="store_true",
+                       help="also train on the built-in Shakespeare corpus")
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    train.add_argument("--out", required=True, metavar="DIR")
+    train.add_argument("--pattern", default="gpt4",
+                       help='split regex: "gpt2", "gpt4" (default) or a regex of your own')
+    train.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], metavar="TOK")
+    train.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                       help="invalid UTF-8: stop with the byte offset (strict) or use U+FFFD")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    enc = tok_verbs.add_parser("encode", help="text on stdin -> token ids on stdout")
+    enc.add_argument("--tokenizer", required=True, metavar="DIR")
+    enc.add_argument("--allow-special", action="store_true",
+                     help="encode special-token strings in the text as special tokens")
+    enc.add_argument("--reference", action="store_true",
+                     help="use the from-scratch encoder instead of the fast path (same ids)")
+    enc.add_argument("--errors", choices=["strict", "replace"], default="strict")
+    enc.set_defaults(func=cmd_tokenizer_encode)
+
+    dec = tok_verbs.add_parser("decode", help="token ids on stdin -> text on stdout")
+    dec.add_argument("--tokenizer", required=True, metavar="DIR")
+    dec.set_defaults(func=cmd_tokenizer_decode)
+
+    stats = tok_verbs.add_parser("stats", help="bytes per token and vocabulary usage on text")
+    stats.add_argument("--tokenizer", required=True, metavar="DIR")
+    stats.add_argument("--input", nargs="+", required=True, metavar="PATH")
+    stats.add_argument("--errors", choices=["strict", "replace"], default="strict")
+    stats.set_defaults(func=cmd_tokenizer_stats)
+
+    imp = tok_verbs.add_parser("import-gpt2", help="convert OpenAI's encoder.json + vocab.bpe")
+    imp.add_argument("--gpt2-dir", required=True, metavar="DIR",
+                     help="directory holding encoder.json and vocab.bpe")
+    imp.add_argument("--out", required=True, metavar="DIR")
+    imp.set_defaults(func=cmd_tokenizer_import_gpt2)
+
+    exp = tok_verbs.add_parser("export-gpt2", help="write encoder.json + vocab.bpe")
+    exp.add_argument("--tokenizer", required=True, metavar="DIR")
+    exp.add_argument("--out", required=True, metavar="DIR")
+    exp.set_defaults(func=cmd_tokenizer_export_gpt2)
+
+    demo = verbs.add_parser(
+        "demo", help="the whole pipeline on the built-in corpus",
+        description="Runs every stage that has landed on the built-in Shakespeare corpus; any "
+                    "config key can be overridden with --section.key=value.")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR")
+    demo.add_argument("--config", default=None, metavar="YAML")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo, accepts_overrides=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if a.startswith("--") and "." in a.split("=", 1)[0]]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not getattr(args, "accepts_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    try:
+        return args.func(args, overrides)
+    except ScratchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: corpus readers, cleaning, deduplication, tokenized shards and the training loader."""
