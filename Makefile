@@ -30,6 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 test: setup
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q
 
 demo: setup

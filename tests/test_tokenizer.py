@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def test_training_bad_input(tmp_path: Path) -> None:
 def test_non_utf8_file_names_the_byte_offset(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sources_mod, "BLOCK_BYTES", 7)  # the bad byte lies in a later block
     path = tmp_path / "latin1.txt"
-    path.write_bytes("line one\nna".encode() + b"\xefve caf\xe9\n")
+    path.write_bytes(b"line one\nna" + b"\xefve caf\xe9\n")
     with pytest.raises(ScratchError, match=r"latin1.txt: not valid UTF-8 at byte offset 11"):
         list(iter_file_text(path))
     replaced = "".join(iter_file_text(path, errors="replace"))
@@ -299,8 +300,28 @@ def test_load_bad_directories(tmp_path: Path, trained: BPETokenizer) -> None:
         BPETokenizer.load(tmp_path)
     data = trained.to_dict()
     data["merges"][5] = [9999, 1]
-    import json
-
     (tmp_path / "bpe.json").write_text(json.dumps(data))
     with pytest.raises(ScratchError, match="corrupt"):
         BPETokenizer.load(tmp_path)
+
+
+def test_training_learns_the_same_merges_as_hf_bpe_trainer(shakespeare: str) -> None:
+    """Hugging Face's BpeTrainer on the same chunks learns the same merge set (the order may
+    differ only between pairs of equal count, which the two break differently)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from scratchlm.tokenizer.gpt2 import token_to_str
+
+    ours = BPETokenizer.train(shakespeare, 2000, GPT4_PATTERN, progress=False)
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT4_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.train_from_iterator([shakespeare], trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_merges = [tuple(m) for m in json.loads(hf.to_str())["model"]["merges"]]
+    our_merges = [(token_to_str(ours.vocab[a]), token_to_str(ours.vocab[b]))
+                  for a, b in ours.merges]
+    assert len(our_merges) == len(hf_merges) == 2000 - 256 - 1
+    assert set(our_merges) == set(hf_merges)

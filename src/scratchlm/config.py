@@ -37,7 +37,7 @@ class TokenizerConfig:
     vocab_size: int = 8192
     """Vocabulary size: 256 byte tokens + learned merges + special tokens."""
     pattern: str = "gpt4"
-    """Pre-tokenization regex: "gpt2", "gpt4" (digits in groups of three) or a regex of one's own."""
+    """Pre-tokenization regex: "gpt2", "gpt4" (digits in groups of 3) or a regex of one's own."""
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
     """Special tokens, given ids after the merges; <|endoftext|> separates documents."""
 
@@ -233,7 +233,8 @@ def load_config(
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
-            raise ScratchError(f"config file {path} is not valid YAML{at}; fix its syntax") from None
+            raise ScratchError(f"config file {path} is not valid YAML{at}; fix its syntax"
+                               ) from None
         if not isinstance(data, dict):
             raise ScratchError(f"config file {path} must be a mapping of sections")
     for arg in overrides:

@@ -183,7 +183,7 @@ class BPETokenizer:
         unknown = allowed - set(self.special_tokens)
         if unknown:
             raise ScratchError(f"allowed_special names {sorted(unknown)}, which this tokenizer "
-                               f"does not have; its special tokens are {sorted(self.special_tokens)}")
+                               f"does not have; it has {sorted(self.special_tokens)}")
         disallowed = (set(self.special_tokens) if disallowed_special == "all"
                       else set(disallowed_special)) - allowed
         for s in disallowed:
