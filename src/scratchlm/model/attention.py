@@ -1,0 +1,132 @@
+"""Causal self-attention, written out and fused, with rotary positions and a KV cache.
+
+softmax(Q K^T / sqrt(d)) V over each head (Vaswani et al. 2017), with a causal mask so that
+position t sees positions <= t only. Grouped-query attention (Ainslie et al. 2023) lets several
+query heads share one key/value head; multi-query attention is the case of one kv head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.kv_cache import KVCache
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse wavelengths of the head_dim / 2 rotating channel pairs (Su et al. 2021),
+    with Llama 3's long-context rescaling when `cfg.rope_scaling` is set."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if cfg.rope_scaling:
+        s = cfg.rope_scaling
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = old_len / s["low_freq_factor"]
+        high_wavelen = old_len / s["high_freq_factor"]
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band in between
+        # interpolated smoothly between the two.
+        smooth = (old_len / wavelen - s["low_freq_factor"]) / (
+            s["high_freq_factor"] - s["low_freq_factor"])
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq,
+                               scaled)
+    return inv_freq.float()
+
+
+def rope_cache(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (length, head_dim): channel i and i + head_dim/2 form a pair
+    (the "rotate half" layout of Hugging Face's Llama, so its weights load unpermuted)."""
+    t = torch.arange(length, dtype=torch.float32)
+    angles = torch.outer(t, rope_frequencies(cfg))  # (length, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair of x (B, n_head, T, head_dim) by its position's angle."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.manual = cfg.attention == "manual"
+        self.dropout = cfg.dropout
+        # One matmul makes q, k and v: n_head query heads, then n_kv_head key and value heads.
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
+                             bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual = True  # scaled init (GPT-2): see GPT._init_weights
+        self.attn_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd,
+                                     self.n_kv_head * hd], dim=-1)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        if rope is not None:
+            cos, sin = rope  # (T, hd) for the positions of these T tokens
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, n_kv_head, past + T, hd)
+        if self.manual:
+            y = self._attend_manual(q, k, v, past)
+        else:
+            y = self._attend_fused(q, k, v, past)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hd)  # (B, T, n_head * hd)
+        return self.resid_drop(self.proj(y))
+
+    def _attend_fused(self, q, k, v, past: int) -> torch.Tensor:
+        T, S = q.size(2), k.size(2)
+        if self.n_kv_head != self.n_head:
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+        mask, causal = None, past == 0 and T > 1
+        if past and T > 1:  # a chunk after cached positions: query i sees keys <= past + i
+            mask = causal_mask(T, S, q.device)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0)
+
+    def _attend_manual(self, q, k, v, past: int) -> torch.Tensor:
+        T, S = q.size(2), k.size(2)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, n_head, S, hd)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, n_head, T, S)
+        att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+        att = F.softmax(att.float(), dim=-1).type_as(q)
+        att = self.attn_drop(att)
+        return att @ v  # (B, n_head, T, hd)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_kv_head, S, hd) -> (B, n_head, S, hd): each kv head serves n_head / n_kv_head
+        consecutive query heads (the grouping Hugging Face's Llama uses)."""
+        rep = self.n_head // self.n_kv_head
+        if rep == 1:
+            return x
+        B, H, S, hd = x.shape
+        return x[:, :, None].expand(B, H, rep, S, hd).reshape(B, H * rep, S, hd)
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) booleans, True where query i (at absolute position S - T + i) may see key j."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)

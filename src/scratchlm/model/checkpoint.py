@@ -1,0 +1,100 @@
+"""A model checkpoint is a directory: `model.safetensors` + `config.json` (+ tokenizer files).
+
+Loading never unpickles anything, and a checkpoint that does not fit its config (or that came
+from another model) is refused with the name of the first tensor that does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scratchlm.errors import ScratchError
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.gpt import GPT
+from scratchlm.utils import atomic_path, atomic_write_text
+
+FORMAT = "scratchlm-model"
+FORMAT_VERSION = 1
+
+
+def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict to save: a tied head is stored once, as the token embedding."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def save_model(model: GPT, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write the model (and tokenizer, if given) into `directory`, each file atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model_tensors(model).items()}
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(directory / "config.json", json.dumps(
+        {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict()}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ScratchError(f"{directory}: not a model checkpoint (no config.json); "
+                           "check the path")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScratchError(f"{path}: unreadable ({e}); the checkpoint is corrupt") from None
+    if data.get("format") != FORMAT:
+        if "model_type" in data:
+            raise ScratchError(f"{directory} is a Hugging Face model; convert it first with "
+                               f"`scratchlm convert --from-hf {directory} --out DIR`")
+        raise ScratchError(f"{path}: not a scratchlm model config (format must be {FORMAT!r})")
+    from scratchlm.config import from_dict
+
+    return from_dict(ModelConfig, data["model"], "model")
+
+
+def check_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict that does not fit `model`, naming the first tensor that does not."""
+    expected = {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise ScratchError(f"{source}: tensor {name!r} is missing; the checkpoint is from "
+                               "another model or incomplete")
+        if tuple(state[name].shape) != shape:
+            raise ScratchError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} "
+                               f"but the config needs {shape}; the checkpoint is from a model "
+                               "of another shape")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ScratchError(f"{source}: unexpected tensor {extra[0]!r}; the checkpoint is from "
+                           "another kind of model")
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
+    """The GPT saved in `directory` by `save_model`."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise ScratchError(f"{directory}: model.safetensors is missing; the checkpoint is "
+                           "incomplete")
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ScratchError(f"{path}: not a readable safetensors file ({e}); the checkpoint "
+                           "is corrupt") from None
+    model = GPT(cfg).to(device)
+    check_state(model, state, str(path))
+    model.load_state_dict(state, strict=not cfg.tie_embeddings)  # a tied head has no entry
+    return model
