@@ -119,6 +119,129 @@ def cmd_tokenizer_export_gpt2(args: argparse.Namespace, _: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# model: generate, chat, convert, memory
+
+
+def load_for_generation(checkpoint: str, tokenizer_dir: str | None):
+    """The model and tokenizer of a checkpoint directory (the tokenizer may live elsewhere)."""
+    import torch
+
+    from scratchlm.model.checkpoint import load_model
+    from scratchlm.tokenizer import BPETokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(checkpoint, device)
+    tok_dir = Path(tokenizer_dir or checkpoint)
+    if not (tok_dir / "bpe.json").is_file():
+        raise ScratchError(f"{tok_dir}: no tokenizer (bpe.json) beside the model; pass "
+                           "--tokenizer DIR")
+    tok = BPETokenizer.load(tok_dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ScratchError(f"tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{model.config.vocab_size}; they do not belong together")
+    return model, tok
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed, use_kv_cache=not args.no_cache,
+                sliding_window=args.sliding_window)
+
+
+def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.generate import stream_text
+
+    model, tok = load_for_generation(args.checkpoint, args.tokenizer)
+    for k in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {k + 1}")
+        kwargs = sampling_kwargs(args)
+        if args.seed is not None:
+            kwargs["seed"] = args.seed + k
+        sys.stdout.write(args.prompt)
+        for piece in stream_text(model, tok, args.prompt, args.max_new_tokens, stop=args.stop,
+                                 **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.generate import CHAT_STOP, chat_prompt, stream_text
+
+    model, tok = load_for_generation(args.checkpoint, args.tokenizer)
+    history: list[tuple[str, str]] = []
+    print("chat: type a message and press enter; an empty line or Ctrl-D ends", flush=True)
+    while True:
+        try:
+            message = input("> ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        prompt = chat_prompt(history, message, model.config.block_size - args.max_new_tokens,
+                             tok)
+        reply = ""
+        for piece in stream_text(model, tok, prompt, args.max_new_tokens, stop=CHAT_STOP,
+                                 **sampling_kwargs(args)):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append((message, reply.strip()))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.model.checkpoint import load_model, save_model
+    from scratchlm.model.hf import from_hf, save_hf
+    from scratchlm.tokenizer import BPETokenizer
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise ScratchError("give exactly one of --from-hf DIR or --to-hf CHECKPOINT")
+    if args.from_hf:
+        model = from_hf(args.from_hf)
+        save_model(model, args.out)
+        print(f"converted {args.from_hf} ({model.num_params() / 1e6:.1f}M parameters) to "
+              f"{args.out}")
+    else:
+        model = load_model(args.to_hf)
+        tok_path = Path(args.to_hf) / "bpe.json"
+        tok = BPETokenizer.load(args.to_hf) if tok_path.is_file() else None
+        save_hf(model, args.out, tok)
+        print(f"wrote a Hugging Face model to {args.out} "
+              f"(AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scratchlm.memory import estimate_memory
+    from scratchlm.model.config import ModelConfig
+
+    from scratchlm.config import Config, from_dict, parse_override
+    from scratchlm.model.config import PRESETS
+
+    ModelConfig.from_preset(args.preset)  # an unknown name fails here, with a suggestion
+    fields = {}
+    for arg in overrides:
+        key, value = parse_override(arg, Config)
+        if not key.startswith("model."):
+            raise ScratchError(f"{arg}: only --model.FIELD=VALUE overrides apply here")
+        fields[key[len("model."):]] = value
+    cfg = from_dict(ModelConfig, {**PRESETS[args.preset], **fields}, "model")
+    est = estimate_memory(cfg, args.dtype, args.optimizer, args.zero, args.gpus,
+                          args.micro_batch, args.seq, args.activation_checkpointing)
+    print(f"{args.preset}: {est.params / 1e9:.3f}B parameters, {args.dtype}, {args.optimizer}, "
+          f"ZeRO-{args.zero} over {args.gpus} device(s), micro-batch {args.micro_batch} x "
+          f"{args.seq or cfg.block_size} tokens"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}")
+    print("per device:")
+    print(est.table())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # demo
 
 
@@ -191,6 +314,53 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", required=True, metavar="DIR")
     exp.add_argument("--out", required=True, metavar="DIR")
     exp.set_defaults(func=cmd_tokenizer_export_gpt2)
+
+    def add_sampling(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, metavar="DIR")
+        p.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="tokenizer directory, if not saved beside the model")
+        p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+        p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=None, metavar="K")
+        p.add_argument("--top-p", type=float, default=None, metavar="P")
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--no-cache", action="store_true",
+                       help="recompute the whole sequence every step (no KV cache)")
+        p.add_argument("--sliding-window", action="store_true",
+                       help="keep the last block_size tokens instead of stopping at the context")
+
+    gen = verbs.add_parser("generate", help="sample text from a checkpoint")
+    add_sampling(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--stop", nargs="*", default=[], metavar="STR",
+                     help="stop before any of these strings")
+    gen.add_argument("--num-samples", type=int, default=1, metavar="N")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = verbs.add_parser("chat", help="an interactive chat loop with streaming output")
+    add_sampling(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    conv = verbs.add_parser("convert", help="Hugging Face transformers <-> scratchlm")
+    conv.add_argument("--from-hf", metavar="DIR", help="a GPT-2 / Llama save_pretrained dir")
+    conv.add_argument("--to-hf", metavar="CHECKPOINT", help="a scratchlm model directory")
+    conv.add_argument("--out", required=True, metavar="DIR")
+    conv.set_defaults(func=cmd_convert)
+
+    mem = verbs.add_parser(
+        "memory", help="estimate training memory per device",
+        description="Per-device memory of training a model; override any model field with "
+                    "--model.FIELD=VALUE (e.g. --model.n_layer=48).")
+    mem.add_argument("--preset", default="gpt2-124m", help="a model preset (see --help)")
+    mem.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
+    mem.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    mem.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
+    mem.add_argument("--gpus", type=int, default=1)
+    mem.add_argument("--micro-batch", type=int, default=1)
+    mem.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: "
+                     "the model's context)")
+    mem.add_argument("--activation-checkpointing", action="store_true")
+    mem.set_defaults(func=cmd_memory, accepts_overrides=True)
 
     demo = verbs.add_parser(
         "demo", help="the whole pipeline on the built-in corpus",

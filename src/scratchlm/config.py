@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from scratchlm.errors import ScratchError
+from scratchlm.model.config import ModelConfig
 
 T = TypeVar("T")
 
@@ -46,6 +47,8 @@ class TokenizerConfig:
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Tokenizer training."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape (see scratchlm.model.config.PRESETS for named shapes)."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -206,25 +206,28 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 # models and directories
 
 
-def _read_hf_dir(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def _read_hf_config(directory: Path) -> dict:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise ScratchError(f"{directory}: no config.json; not a Hugging Face model directory")
-    hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    return json.loads(cfg_path.read_text(encoding="utf-8"))
+
+
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     if (directory / "model.safetensors").is_file():
-        return hf_cfg, load_file(str(directory / "model.safetensors"))
+        return load_file(str(directory / "model.safetensors"))
     index = directory / "model.safetensors.index.json"
     if index.is_file():  # sharded: the index maps each tensor to its shard
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(load_file(str(directory / shard)))
-        return hf_cfg, state
+        return state
     if (directory / "pytorch_model.bin").is_file():
-        return hf_cfg, torch.load(directory / "pytorch_model.bin", map_location="cpu",
-                                  weights_only=True)
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu",
+                          weights_only=True)
     raise ScratchError(f"{directory}: no model.safetensors, safetensors index or "
                        "pytorch_model.bin found")
 
@@ -233,10 +236,11 @@ def from_hf(model_or_dir) -> GPT:
     """A GPT with the weights of a Hugging Face GPT2LMHeadModel / LlamaForCausalLM, given the
     model object or a directory saved by `save_pretrained`."""
     if isinstance(model_or_dir, (str, os.PathLike)):
-        hf_cfg, hf_state = _read_hf_dir(Path(model_or_dir))
+        cfg = config_from_hf(_read_hf_config(Path(model_or_dir)))
+        hf_state = _read_hf_weights(Path(model_or_dir))
     else:
-        hf_cfg, hf_state = model_or_dir.config.to_dict(), model_or_dir.state_dict()
-    cfg = config_from_hf(hf_cfg)
+        cfg = config_from_hf(model_or_dir.config.to_dict())
+        hf_state = model_or_dir.state_dict()
     model = GPT(cfg)
     state = state_from_hf(cfg, hf_state)
     check_state(model, state, "Hugging Face weights")

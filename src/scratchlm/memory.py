@@ -1,0 +1,171 @@
+"""How much memory training a model needs, per device, before allocating any of it.
+
+States follow the ZeRO paper's accounting (Rajbhandari et al. 2020): with mixed precision the
+weights and gradients are 2 bytes per parameter and the optimizer keeps an fp32 master copy
+beside its moments (AdamW: 4 + 4 + 4 = 12 bytes); in fp32 everything is 4 bytes and AdamW keeps
+two moments (8 bytes). ZeRO-1 shards the optimizer states over the data-parallel devices,
+ZeRO-2 the gradients too, ZeRO-3 the weights too.
+
+Activations are counted tensor by tensor for scratchlm's own blocks: what autograd saves for
+the backward pass, per token, per layer, plus the loss's gradients at the start of the backward
+pass, the moment of peak memory. Tests check the count against the tensors autograd really
+saves, and the total against the peak that `PeakMemory` measures. Dropout is assumed off (each
+dropout adds a mask).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from scratchlm.errors import ScratchError
+from scratchlm.model.config import ModelConfig
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+Optimizer = Literal["adamw", "sgd"]
+GB = 1e9
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of GPT(cfg), computed from the shapes (a 7B model is never allocated)."""
+    C, hd, H, kv, inner = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, \
+        cfg.intermediate_size
+    norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    qkv = C * (H + 2 * kv) * hd + ((H + 2 * kv) * hd if cfg.bias else 0)
+    proj = H * hd * C + (C if cfg.bias else 0)
+    fc_width = inner * (2 if cfg.mlp == "swiglu" else 1)
+    fc = C * fc_width + (fc_width if cfg.bias else 0)
+    down = inner * C + (C if cfg.bias else 0)
+    block = 2 * norm + qkv + proj + fc + down
+    emb = cfg.vocab_size * C + (cfg.block_size * C if cfg.pos_emb == "learned" else 0)
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * C
+    return emb + cfg.n_layer * block + norm + head
+
+
+def activation_elements(cfg: ModelConfig, seq: int) -> tuple[float, float]:
+    """(per layer, outside the layers) elements autograd saves per token in training."""
+    C, hd, H, kv, inner = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, \
+        cfg.intermediate_size
+    rope, gqa = cfg.pos_emb == "rope", kv != H
+    # LayerNorm keeps its input and two statistics; our RMSNorm its input, the normalised
+    # tensor and 1/rms. Either way the next linear layer keeps the norm's output.
+    norm = 2 * C + 2 if cfg.norm == "layernorm" else 3 * C + 1
+    # q, k, v as attention receives them: views of the fused qkv output where nothing changed
+    # them (that whole output then stays alive), new tensors where RoPE rotated them or GQA
+    # repeated the kv heads.
+    qkv = 0
+    if not rope or not gqa:
+        qkv += (H + 2 * kv) * hd
+    qkv += H * hd * (int(rope) + int(rope or gqa) + int(gqa))
+    if cfg.attention == "sdpa":  # output (also the projection's input) + log-sum-exp per head
+        attn = H * hd + H
+    else:  # the softmax matrix row of each head, and the merged heads for the projection
+        attn = H * seq + H * hd
+    mlp = 4 * inner if cfg.mlp == "swiglu" else 2 * inner
+    per_layer = 2 * norm + qkv + attn + mlp
+    # final norm + the log-softmax of the loss (vocab per token); RoPE tables are per position
+    outside = norm + cfg.vocab_size + (2 * hd if rope else 0)
+    return per_layer, outside
+
+
+@dataclass
+class MemoryEstimate:
+    params: int
+    weights: float  # bytes per device
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def table(self) -> str:
+        rows = [("weights", self.weights), ("gradients", self.gradients),
+                ("optimizer states", self.optimizer), ("activations", self.activations),
+                ("total", self.total)]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {value / GB:10.3f} GB" for name, value in rows)
+
+
+def estimate_memory(
+    cfg: ModelConfig,
+    dtype: Dtype = "bf16",
+    optimizer: Optimizer = "adamw",
+    zero: int = 0,
+    gpus: int = 1,
+    micro_batch: int = 1,
+    seq: int | None = None,
+    activation_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """Peak training memory per device, by component."""
+    if zero not in (0, 1, 2, 3):
+        raise ScratchError(f"zero must be 0, 1, 2 or 3, got {zero}")
+    if gpus < 1 or micro_batch < 1:
+        raise ScratchError("gpus and micro_batch must be at least 1")
+    seq = seq or cfg.block_size
+    if seq > cfg.block_size:
+        raise ScratchError(f"seq {seq} is longer than the model's context ({cfg.block_size})")
+    n = count_params(cfg)
+    mixed = dtype != "fp32"
+    width = 2 if mixed else 4
+    moments = {"adamw": 8, "sgd": 4}[optimizer]  # AdamW: m and v; SGD: momentum, fp32
+    weights = width * n
+    grads = width * n
+    optim = (4 * n if mixed else 0) + moments * n  # + fp32 master copy under mixed precision
+    if zero >= 1:
+        optim /= gpus
+    if zero >= 2:
+        grads /= gpus
+    if zero >= 3:
+        weights /= gpus
+    per_layer, outside = activation_elements(cfg, seq)
+    V = cfg.vocab_size
+    # The loss is taken in fp32 whatever the compute dtype, so its saved log-softmax (in
+    # `outside`) is 4 bytes a value. The backward pass begins by making two more vocab-sized
+    # fp32 tensors per token, the gradients of the log-probabilities and of the logits, while
+    # every saved activation is still alive.
+    per_token = width * (outside - V) + 4 * V
+    peak_extra = 2 * 4 * V
+    if activation_checkpointing:
+        # Each block keeps only its input; backward later recomputes one block at a time, so
+        # the peak is the larger of the loss gradients and one block's activations.
+        per_token += width * cfg.n_layer * cfg.n_embd
+        peak_extra = max(peak_extra, width * per_layer)
+    else:
+        per_token += width * cfg.n_layer * per_layer
+    act = micro_batch * seq * (per_token + peak_extra)
+    return MemoryEstimate(n, weights, grads, optim, act)
+
+
+class PeakMemory(TorchDispatchMode):
+    """Measures the peak bytes of tensor storage allocated by the ops run inside it, like
+    `torch.cuda.max_memory_allocated` but on any device: every op's new output storages are
+    counted until Python frees them. Tensors made before entering are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)
+        return out
