@@ -99,3 +99,67 @@ def test_demo_builds_then_reuses(tmp_path: Path, monkeypatch, capsys) -> None:
     assert "bytes/token" in report and "vocab_size=512" in report
     code, out, _ = run(argv, monkeypatch, capsys)
     assert code == 0 and "reusing" in out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tok_dir: Path) -> Path:
+    import torch
+
+    from scratchlm.model import GPT, ModelConfig
+    from scratchlm.model.checkpoint import save_model
+    from scratchlm.tokenizer import BPETokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ckpt")
+    model = GPT(ModelConfig.from_preset("llama-tiny", vocab_size=600))
+    save_model(model, out, BPETokenizer.load(tok_dir))
+    return out
+
+
+def test_generate_streams_a_continuation(checkpoint: Path, monkeypatch, capsys) -> None:
+    argv = ["generate", "--checkpoint", str(checkpoint), "--prompt", "ROMEO:", "--seed", "1",
+            "--max-new-tokens", "20"]
+    code, out, _ = run(argv, monkeypatch, capsys)
+    assert code == 0 and out.startswith("ROMEO:") and len(out) > 10
+    assert run(argv, monkeypatch, capsys)[1] == out  # same seed, same text
+    code, greedy, _ = run(argv + ["--temperature", "0", "--no-cache"], monkeypatch, capsys)
+    assert run(argv + ["--temperature", "0"], monkeypatch, capsys)[1] == greedy
+    code, _, err = run(argv[:-1] + ["500"], monkeypatch, capsys)
+    assert code == 2 and "exceeds the model's context" in err
+
+
+def test_chat_loop(checkpoint: Path, monkeypatch, capsys) -> None:
+    code, out, _ = run(["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "10",
+                        "--seed", "0"], monkeypatch, capsys, b"Hello there\nHow are you\n\n")
+    assert code == 0 and out.count("> ") == 3
+
+
+def test_convert_both_ways(checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import torch
+    import transformers
+
+    from scratchlm.model.checkpoint import load_model
+
+    assert main(["convert", "--to-hf", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out",
+                 str(tmp_path / "back")]) == 0
+    idx = torch.randint(0, 600, (1, 12))
+    ours, back = load_model(checkpoint).eval(), load_model(tmp_path / "back").eval()
+    assert (ours(idx)[0] - hf(idx).logits).abs().max() < 1e-4
+    assert torch.equal(ours(idx)[0], back(idx)[0])
+    code, _, err = run(["convert", "--to-hf", str(tmp_path), "--out", "x"], monkeypatch, capsys)
+    assert code == 2 and "not a model checkpoint" in err
+
+
+def test_memory_table(monkeypatch, capsys) -> None:
+    code, out, _ = run(["memory", "--preset", "llama-7b", "--dtype", "bf16", "--seq", "4096"],
+                       monkeypatch, capsys)
+    assert code == 0 and "6.738B parameters" in out
+    assert "weights               13.477 GB" in out
+    code, out, _ = run(["memory", "--preset", "llama-7b", "--zero", "3", "--gpus", "8",
+                        "--model.n_layer=16"], monkeypatch, capsys)
+    assert code == 0 and "ZeRO-3 over 8" in out and "3.500B" in out
+    code, _, err = run(["memory", "--preset", "llama-7b", "--model.n_layr=3"], monkeypatch,
+                       capsys)
+    assert code == 2 and "did you mean 'model.n_layer'" in err

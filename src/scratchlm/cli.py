@@ -216,11 +216,9 @@ def cmd_convert(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
-    from scratchlm.memory import estimate_memory
-    from scratchlm.model.config import ModelConfig
-
     from scratchlm.config import Config, from_dict, parse_override
-    from scratchlm.model.config import PRESETS
+    from scratchlm.memory import estimate_memory
+    from scratchlm.model.config import PRESETS, ModelConfig
 
     ModelConfig.from_preset(args.preset)  # an unknown name fails here, with a suggestion
     fields = {}

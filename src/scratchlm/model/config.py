@@ -28,7 +28,7 @@ class ModelConfig:
     intermediate_size: int | None = None
     """Hidden width of the MLP; None = 4 * n_embd (GELU) or Llama's 8/3 * n_embd rule (SwiGLU)."""
     pos_emb: Literal["learned", "rope"] = "learned"
-    """Positions: a learned table added to the input (GPT-2) or rotary embeddings on q, k (Llama)."""
+    """Positions: a learned table added to the input (GPT-2) or RoPE on q and k (Llama)."""
     rope_theta: float = 10000.0
     """RoPE base: wavelengths grow geometrically from 2*pi to 2*pi*theta."""
     rope_scaling: dict[str, float] | None = None
