@@ -1,0 +1,122 @@
+"""Deduplication: exact (a hash of normalised text) and near (MinHash + LSH banding).
+
+MinHash (Broder 1997): each document's set of word 5-gram shingles is summarised by its
+minimum under `num_perm` random hash functions; two signatures agree in a position with
+probability equal to the sets' Jaccard similarity. LSH banding splits the signature into `bands`
+bands of `rows` values, and documents sharing any whole band become candidates; a candidate
+pair is a duplicate when the share of agreeing signature positions reaches `threshold`. The
+first document of a cluster (in input order) is kept, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+_PRIME = np.uint64((1 << 61) - 1)  # Mersenne prime: permutations are (a x + b) mod p
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    """Drop documents whose normalised text (lower-cased, whitespace collapsed) was seen."""
+    near: bool = True
+    """Drop near-duplicates found by MinHash + LSH."""
+    threshold: float = 0.8
+    """Estimated Jaccard similarity of word shingles at which two documents are duplicates."""
+    num_perm: int = 128
+    """MinHash signature length."""
+    bands: int = 16
+    """LSH bands (num_perm / bands rows each): 16 x 8 makes pairs above ~0.7 candidates."""
+    shingle: int = 5
+    """Words per shingle."""
+    seed: int = 0
+    """Seed of the hash permutations (a run is deterministic for a given seed)."""
+
+
+def exact_key(text: str) -> bytes:
+    return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
+
+
+def permutations(cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(cfg.seed)
+    a = rng.integers(1, 1 << 31, size=cfg.num_perm, dtype=np.uint64)
+    b = rng.integers(0, 1 << 31, size=cfg.num_perm, dtype=np.uint64)
+    return a, b
+
+
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """A 32-bit hash per word n-gram of the lower-cased text (all words if fewer than n)."""
+    words = [zlib.crc32(w.encode()) for w in text.lower().split()]
+    if not words:
+        return np.zeros(1, dtype=np.uint64)
+    ids = np.array(words, dtype=np.uint64)
+    n = min(n, len(ids))
+    keys = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            keys = keys * np.uint64(0x100000001B3) + ids[k:len(ids) - n + 1 + k]
+    return (keys ^ (keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+
+
+def minhash(text: str, cfg: DedupConfig, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The MinHash signature, (num_perm,) uint32."""
+    a, b = perms
+    x = np.unique(shingle_hashes(text, cfg.shingle))  # a set: repeats do not matter
+    sig = np.full(cfg.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+    for start in range(0, len(x), 4096):  # bounded (num_perm, 4096) temporaries
+        chunk = x[start:start + 4096]
+        # a, b < 2^31 and x < 2^32, so a*x + b < 2^63: no overflow before the modulo
+        sig = np.minimum(sig, ((a[:, None] * chunk[None, :] + b[:, None]) % _PRIME).min(1))
+    return (sig & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+class NearDuplicateIndex:
+    """The signatures of kept documents, bucketed by band."""
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        if cfg.num_perm % cfg.bands:
+            raise ValueError(f"bands ({cfg.bands}) must divide num_perm ({cfg.num_perm})")
+        self.cfg = cfg
+        self.rows = cfg.num_perm // cfg.bands
+        self.buckets: dict[bytes, list[int]] = {}
+        self.signatures: list[np.ndarray] = []
+
+    def _keys(self, sig: np.ndarray) -> list[bytes]:
+        r = self.rows
+        return [bytes([band]) + sig[band * r:(band + 1) * r].tobytes()
+                for band in range(self.cfg.bands)]
+
+    def find(self, sig: np.ndarray) -> int | None:
+        """Index of a kept document this signature duplicates, else None."""
+        seen: set[int] = set()
+        for key in self._keys(sig):
+            for other in self.buckets.get(key, ()):
+                if other in seen:
+                    continue
+                seen.add(other)
+                if np.mean(self.signatures[other] == sig) >= self.cfg.threshold:
+                    return other
+        return None
+
+    def add(self, sig: np.ndarray) -> int:
+        doc = len(self.signatures)
+        self.signatures.append(sig)
+        for key in self._keys(sig):
+            self.buckets.setdefault(key, []).append(doc)
+        return doc
+
+    def state(self) -> np.ndarray:
+        """All kept signatures, (n, num_perm): enough to rebuild the index on resume."""
+        return np.stack(self.signatures) if self.signatures else \
+            np.zeros((0, self.cfg.num_perm), np.uint32)
+
+    @classmethod
+    def from_state(cls, cfg: DedupConfig, signatures: np.ndarray) -> NearDuplicateIndex:
+        index = cls(cfg)
+        for sig in signatures:
+            index.add(sig)
+        return index
