@@ -119,6 +119,31 @@ def cmd_tokenizer_export_gpt2(args: argparse.Namespace, _: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# data
+
+
+def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scratchlm.config import Config, load_config
+    from scratchlm.data.prepare import prepare, summary_table
+
+    cfg = load_config(Config, args.config, overrides)
+    if not args.input and not args.builtin:
+        raise ScratchError("no input: pass --input PATH... and/or --builtin")
+    documents = None
+    if args.builtin:
+        if args.input:
+            raise ScratchError("give --input or --builtin, not both")
+        from scratchlm.data.builtin import iter_scenes
+
+        documents = (s.text for s in iter_scenes())
+    manifest = prepare(args.input or [], args.tokenizer, args.out, cfg.data,
+                       progress=not args.quiet, documents=documents,
+                       documents_name="builtin:shakespeare")
+    print(summary_table(manifest))
+    print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {args.out}")
+    return 0
+
+# ------------------------------------------------------------------------------------------------
 # model: generate, chat, convert, memory
 
 
@@ -312,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", required=True, metavar="DIR")
     exp.add_argument("--out", required=True, metavar="DIR")
     exp.set_defaults(func=cmd_tokenizer_export_gpt2)
+
+    data = verbs.add_parser("data", help="prepare training data: clean, dedup, tokenize, shard")
+    data_verbs = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+    prep = data_verbs.add_parser(
+        "prepare", help="raw text -> token shards + manifest.json",
+        description="Reads txt/jsonl/parquet (optionally .gz/.zst), cleans, filters, removes "
+                    "exact and near duplicates, tokenizes in worker processes and writes "
+                    "shards. Any data key can be overridden, e.g. --data.filters.min_words=20 "
+                    "or --data.dedup.threshold=0.9. An interrupted run resumes.")
+    prep.add_argument("--input", nargs="+", metavar="PATH", help="files, directories, globs")
+    prep.add_argument("--builtin", action="store_true", help="the built-in Shakespeare corpus")
+    prep.add_argument("--tokenizer", required=True, metavar="DIR")
+    prep.add_argument("--out", required=True, metavar="DIR")
+    prep.add_argument("--config", default=None, metavar="YAML")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_data_prepare, accepts_overrides=True)
 
     def add_sampling(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", required=True, metavar="DIR")

@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from scratchlm.data.prepare import DataConfig
 from scratchlm.errors import ScratchError
 from scratchlm.model.config import ModelConfig
 
@@ -47,6 +48,8 @@ class TokenizerConfig:
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Tokenizer training."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data preparation: reading, filters, dedup, shards."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape (see scratchlm.model.config.PRESETS for named shapes)."""
 

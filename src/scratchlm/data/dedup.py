@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_PRIME = np.uint64((1 << 61) - 1)  # Mersenne prime: permutations are (a x + b) mod p
+# Permutations are h(x) = (a x + b) mod p with a, b uniform below p: a universal family only if
+# a ranges over all of [1, p). p just below 2^32 keeps a * x + b below 2^64 (no overflow).
+_PRIME = np.uint64(4_294_967_291)  # the largest prime below 2^32
 
 
 @dataclass
@@ -43,8 +45,8 @@ def exact_key(text: str) -> bytes:
 
 def permutations(cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
-    a = rng.integers(1, 1 << 31, size=cfg.num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, size=cfg.num_perm, dtype=np.uint64)
+    a = rng.integers(1, int(_PRIME), size=cfg.num_perm, dtype=np.uint64)
+    b = rng.integers(0, int(_PRIME), size=cfg.num_perm, dtype=np.uint64)
     return a, b
 
 
@@ -65,13 +67,12 @@ def shingle_hashes(text: str, n: int) -> np.ndarray:
 def minhash(text: str, cfg: DedupConfig, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """The MinHash signature, (num_perm,) uint32."""
     a, b = perms
-    x = np.unique(shingle_hashes(text, cfg.shingle))  # a set: repeats do not matter
+    x = np.unique(shingle_hashes(text, cfg.shingle)) % _PRIME  # a set: repeats do not matter
     sig = np.full(cfg.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
     for start in range(0, len(x), 4096):  # bounded (num_perm, 4096) temporaries
         chunk = x[start:start + 4096]
-        # a, b < 2^31 and x < 2^32, so a*x + b < 2^63: no overflow before the modulo
         sig = np.minimum(sig, ((a[:, None] * chunk[None, :] + b[:, None]) % _PRIME).min(1))
-    return (sig & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return sig.astype(np.uint32)
 
 
 class NearDuplicateIndex:

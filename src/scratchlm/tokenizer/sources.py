@@ -47,11 +47,14 @@ def iter_file_text(path: str | os.PathLike, errors: str = "strict") -> Iterator[
     with path.open("rb") as f:
         while True:
             raw = f.read(BLOCK_BYTES)
+            # The decoder holds back the bytes of an unfinished character; an error's position
+            # counts from those bytes, which precede `offset`.
+            held = len(decoder.getstate()[0])
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
                 raise ScratchError(
-                    f"{path}: not valid UTF-8 at byte offset {offset + e.start}; "
+                    f"{path}: not valid UTF-8 at byte offset {offset - held + e.start}; "
                     "convert the file to UTF-8 or pass --errors replace"
                 ) from None
             offset += len(raw)

@@ -1,0 +1,353 @@
+"""The data pipeline: readers, filters, dedup quality, shards, resumable prepare, the loader."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scratchlm.data import prepare as prepare_mod
+from scratchlm.data.clean import FilterConfig, clean, normalize_text, quality_failure
+from scratchlm.data.dedup import (
+    DedupConfig,
+    NearDuplicateIndex,
+    minhash,
+    permutations,
+    shingle_hashes,
+)
+from scratchlm.data.loader import TokenLoader, iter_eval_windows
+from scratchlm.data.prepare import DataConfig, prepare
+from scratchlm.data.readers import iter_documents
+from scratchlm.data.shards import open_shard, read_header, write_shard
+from scratchlm.errors import ScratchError
+from scratchlm.tokenizer import BPETokenizer
+
+
+@pytest.fixture(scope="module")
+def austen_paragraphs(shared_data: Path) -> list[str]:
+    """Real prose documents: Austen paragraphs of 120 words or more."""
+    text = (shared_data / "corpus" / "austen" / "emma.txt").read_text(encoding="utf-8")
+    paras = [" ".join(p.split()) for p in text.split("\n\n")]
+    return [p for p in paras if len(p.split()) >= 120]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, shakespeare: str) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    BPETokenizer.train(shakespeare, 1000, progress=False).save(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# readers
+
+
+def test_readers_all_formats(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    (tmp_path / "a.txt").write_text("first document\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("one\n===\ntwo\n===\nthree", encoding="utf-8")
+    rows = [{"text": "json one", "id": 1}, {"text": "json two", "id": 2}]
+    lines = "\n".join(json.dumps(r) for r in rows) + "\n\n"
+    (tmp_path / "c.jsonl").write_text(lines, encoding="utf-8")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    (tmp_path / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    pq.write_table(pa.table({"text": ["pq one", None, "pq two"]}), tmp_path / "f.parquet")
+
+    docs = list(iter_documents([tmp_path / "a.txt"]))
+    assert [d.text for d in docs] == ["first document\n"]
+    docs = list(iter_documents([tmp_path / "b.txt"], separator="\n===\n"))
+    assert [d.text for d in docs] == ["one", "two", "three"]
+    for name in ["c.jsonl", "d.jsonl.gz", "e.jsonl.zst"]:
+        docs = list(iter_documents([tmp_path / name]))
+        assert [d.text for d in docs] == ["json one", "json two"] and docs[1].meta == {"id": 2}
+    assert [d.text for d in iter_documents([tmp_path / "f.parquet"])] == ["pq one", "pq two"]
+    assert len(list(iter_documents([str(tmp_path / "*.jsonl*")]))) == 6
+    assert len(list(iter_documents([tmp_path]))) == 1 + 1 + 6 + 2  # b.txt is one document
+
+
+def test_reader_errors(tmp_path: Path) -> None:
+    with pytest.raises(ScratchError, match="no such file"):
+        list(iter_documents([tmp_path / "missing.txt"]))
+    with pytest.raises(ScratchError, match="matches no file"):
+        list(iter_documents([str(tmp_path / "*.jsonl")]))
+    (tmp_path / "x.jsonl").write_text('{"body": "a"}\n')
+    with pytest.raises(ScratchError, match=r"x.jsonl:1: no field 'text' \(found \['body'\]\)"):
+        list(iter_documents([tmp_path / "x.jsonl"]))
+    (tmp_path / "y.jsonl").write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(ScratchError, match="y.jsonl:2: not valid JSON"):
+        list(iter_documents([tmp_path / "y.jsonl"]))
+    (tmp_path / "z.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ScratchError, match="z.txt: not valid UTF-8 at byte offset 3"):
+        list(iter_documents([tmp_path / "z.txt"]))
+    assert list(iter_documents([tmp_path / "z.txt"], errors="replace"))[0].text == "caf\ufffd"
+    (tmp_path / "p.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ScratchError, match="not a readable Parquet file"):
+        list(iter_documents([tmp_path / "p.parquet"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# cleaning and filters
+
+
+def test_normalize_text() -> None:
+    raw = "Cafe\u0301\r\n\x00tab\there   and\u200b there  \n\n\n\n\nend \ufeff"
+    assert normalize_text(raw) == "Café\ntab here and there\n\nend"
+    cfg = FilterConfig()
+    assert clean("keep me\nWe use cookies on this site.\nand me", cfg) == "keep me\nand me"
+
+
+def test_each_filter_catches_its_case(austen_paragraphs: list[str]) -> None:
+    cfg = FilterConfig()
+    good = austen_paragraphs[0]
+    assert quality_failure(good, cfg) is None
+    cases = {
+        "min_words": "too short to keep",
+        "max_words": " ".join(["word"] * 100_001),
+        "mean_word_length": " ".join(["a bb c d"] * 30),
+        "symbol_ratio": " ".join(f"#tag{i} word..." for i in range(60)),
+        "bullet_lines": "\n".join(f"- item {i} with some words here" for i in range(30)),
+        "ellipsis_lines": "\n".join(f"line {i} trails off while everyone waits and waits "
+                                     "and waits for more..." for i in range(30)),
+        "alpha_words": " ".join(f"{i * 1000} {i * 7001} ok{i} 1,234,567" for i in range(40)),
+        "duplicate_lines": "\n".join(["The same long line repeated over and over again."] * 20
+                                     + [good[:200]]),
+        "top_2gram": " ".join(["of the"] * 60) + " " + good[:300],
+        "dup_5gram": good + " " + good,
+    }
+    for name, text in cases.items():
+        assert quality_failure(text, cfg) == name
+    off = FilterConfig(min_words=None, max_words=None, min_mean_word_length=None,
+                       max_mean_word_length=None, max_symbol_ratio=None, max_bullet_lines=None,
+                       max_ellipsis_lines=None, min_alpha_words=None,
+                       max_duplicate_line_chars=None, max_top_ngram_chars=None,
+                       max_dup_ngram_chars=None)
+    assert all(quality_failure(t, off) is None for t in cases.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# deduplication with planted near-duplicates
+
+
+def shingle_set(text: str) -> set[int]:
+    return set(shingle_hashes(text, 5).tolist())
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = shingle_set(a), shingle_set(b)
+    return len(x & y) / len(x | y)
+
+
+def test_minhash_estimates_jaccard(austen_paragraphs: list[str]) -> None:
+    cfg = DedupConfig()
+    perms = permutations(cfg)
+    a = austen_paragraphs[3]
+    words = a.split()
+    b = " ".join(words[:len(words) // 2] + ["changed"] + words[len(words) // 2 + 1:])
+    est = np.mean(minhash(a, cfg, perms) == minhash(b, cfg, perms))
+    assert abs(est - jaccard(a, b)) < 0.1
+    assert np.mean(minhash(a, cfg, perms) == minhash(austen_paragraphs[4], cfg, perms)) < 0.05
+
+
+def test_planted_near_duplicates_recall_and_precision(austen_paragraphs: list[str]) -> None:
+    """Edited copies at known Jaccard similarity: pairs above 0.9 must be found (recall), and
+    what is removed must really be near-duplicates (precision)."""
+    rng = np.random.default_rng(0)
+    bases = austen_paragraphs[:300]
+    vocab = sorted({w for p in bases for w in p.split()})
+    docs, twin_of = list(bases), {}
+    for i, base in enumerate(bases):
+        words = base.split()
+        edits = int(rng.choice([1, 2, 4, 8, 16]))  # a spread of similarities, 0.9+ down to ~0.4
+        for pos in rng.choice(len(words), size=edits, replace=False):
+            words[pos] = vocab[rng.integers(len(vocab))]
+        twin_of[len(docs)] = i
+        docs.append(" ".join(words))
+    order = rng.permutation(len(docs))
+    cfg = DedupConfig()
+    perms = permutations(cfg)
+    index = NearDuplicateIndex(cfg)
+    kept_as: dict[int, int] = {}  # index slot -> doc
+    removed: dict[int, int] = {}  # doc -> the kept doc it duplicates
+    for d in order:
+        sig = minhash(docs[d], cfg, perms)
+        hit = index.find(sig)
+        if hit is None:
+            kept_as[index.add(sig)] = int(d)
+        else:
+            removed[int(d)] = kept_as[hit]
+    pairs = [(c, b) for c, b in twin_of.items()]
+    sims = {p: jaccard(docs[p[0]], docs[p[1]]) for p in pairs}
+    high = [p for p in pairs if sims[p] > 0.9]
+    found = [p for p in high if p[0] in removed or p[1] in removed]
+    assert len(high) >= 50 and len(found) / len(high) >= 0.95
+    true_dups = [d for d, k in removed.items() if jaccard(docs[d], docs[k]) >= 0.7]
+    assert len(removed) >= 50 and len(true_dups) / len(removed) >= 0.95
+    low = [p for p in pairs if sims[p] < 0.5]
+    assert low and not any(p[0] in removed or p[1] in removed for p in low)
+
+
+# ------------------------------------------------------------------------------------------------
+# shards
+
+
+def test_shard_round_trip_and_corruption(tmp_path: Path) -> None:
+    small = np.arange(1000, dtype=np.uint32) % 50257
+    write_shard(tmp_path / "s.bin", small, 50257)
+    assert read_header(tmp_path / "s.bin") == (2, 1000, 50257)
+    assert np.array_equal(open_shard(tmp_path / "s.bin"), small)
+    big = np.array([0, 70000, 100255], dtype=np.uint32)
+    write_shard(tmp_path / "b.bin", big, 100256)
+    assert read_header(tmp_path / "b.bin")[0] == 4
+    assert np.array_equal(open_shard(tmp_path / "b.bin"), big)
+    data = (tmp_path / "s.bin").read_bytes()
+    (tmp_path / "t.bin").write_bytes(data[:-10])
+    with pytest.raises(ScratchError, match="truncated"):
+        open_shard(tmp_path / "t.bin")
+    (tmp_path / "f.bin").write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ScratchError, match="foreign or corrupt"):
+        open_shard(tmp_path / "f.bin")
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare
+
+
+def test_prepare_counts_and_shards(tmp_path: Path, tok_dir: Path, shared_data: Path) -> None:
+    corpus = shared_data / "corpus" / "austen"
+    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=100_000, val_fraction=0.05)
+    cfg.filters.min_words = 20
+    m = prepare([corpus, corpus / "emma.txt"], tok_dir, tmp_path / "d", cfg, progress=False)
+    removed = sum(r["documents"] for r in m["removed"].values())
+    assert m["documents_in"] == m["documents_kept"] + removed
+    # emma.txt is read twice: every one of its kept paragraphs is an exact duplicate the 2nd time
+    assert m["removed"]["exact_duplicate"]["documents"] >= 1000
+    assert m["removed"]["min_words"]["documents"] > 0
+    assert sum(s["tokens"] for s in m["shards"]) == m["tokens"] == m["tokens_train"] + m[
+        "tokens_val"]
+    assert 0.02 < m["tokens_val"] / m["tokens"] < 0.09
+    eot = m["tokenizer"]["eot_id"]
+    tok = BPETokenizer.load(tok_dir)
+    first = open_shard(tmp_path / "d" / m["shards"][0]["file"])
+    assert first[0] == eot and (first == eot).sum() > 10
+    doc = first[1:int(np.flatnonzero(first[1:] == eot)[0]) + 1]
+    assert len(tok.decode(doc.tolist()).split()) >= 20
+    with pytest.raises(ScratchError, match="already holds prepared data"):
+        prepare([corpus], tok_dir, tmp_path / "d", cfg, progress=False)
+
+
+def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_data: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = [shared_data / "corpus" / "austen" / f for f in ("persuasion.txt",
+                                                             "northangerabbey.txt")]
+    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=25_000, val_fraction=0.05)
+    whole = prepare(corpus, tok_dir, tmp_path / "whole", cfg, progress=False)
+    real_write, calls = prepare_mod.write_shard, []
+
+    def crash_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the process died here
+        calls.append(args[0])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "write_shard", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
+    assert not (tmp_path / "again" / "manifest.json").exists()
+    monkeypatch.setattr(prepare_mod, "write_shard", real_write)
+    resumed = prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
+    assert [s["file"] for s in resumed["shards"]] == [s["file"] for s in whole["shards"]]
+    for s in whole["shards"]:
+        assert (tmp_path / "whole" / s["file"]).read_bytes() == (
+            tmp_path / "again" / s["file"]).read_bytes()
+    for key in ["documents_in", "documents_kept", "tokens", "removed"]:
+        assert resumed[key] == whole[key]
+
+
+def test_prepare_bad_input(tmp_path: Path, tok_dir: Path) -> None:
+    (tmp_path / "tiny.txt").write_text("too short\n")
+    with pytest.raises(ScratchError, match="no text left"):
+        prepare([tmp_path / "tiny.txt"], tok_dir, tmp_path / "out",
+                DataConfig(workers=1), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob("*.bin"))
+    with pytest.raises(ScratchError, match="no tokenizer here"):
+        prepare([tmp_path / "tiny.txt"], tmp_path, tmp_path / "o2", progress=False)
+
+
+def test_prepare_with_worker_processes_matches_one_process(tmp_path: Path, tok_dir: Path,
+                                                           shared_data: Path) -> None:
+    files = [shared_data / "corpus" / "austen" / "persuasion.txt"]
+    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=1_000_000)
+    one = prepare(files, tok_dir, tmp_path / "one", cfg, progress=False)
+    cfg.workers = 2
+    two = prepare(files, tok_dir, tmp_path / "two", cfg, progress=False)
+    assert one["tokens"] == two["tokens"] and one["removed"] == two["removed"]
+    for s in one["shards"]:
+        assert (tmp_path / "one" / s["file"]).read_bytes() == (
+            tmp_path / "two" / s["file"]).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tok_dir: Path, shared_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=50_000, val_fraction=0.05)
+    prepare([shared_data / "corpus" / "austen" / "emma.txt"], tok_dir, out, cfg, progress=False)
+    return out
+
+
+def test_loader_windows_are_shifted_slices(shards: Path) -> None:
+    loader = TokenLoader(shards, "train", 64, 4, seed=1)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 64) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_loader_ranks_split_the_single_process_batch(shards: Path) -> None:
+    single = TokenLoader(shards, "train", 32, 8, seed=3)
+    ranks = [TokenLoader(shards, "train", 32, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(50):  # across an epoch boundary too
+        x, _ = single.next_batch()
+        parts = [r.next_batch()[0] for r in ranks]
+        assert torch.equal(torch.cat(parts), x)
+
+
+def test_loader_resumes_exactly(shards: Path) -> None:
+    a = TokenLoader(shards, "train", 64, 8, seed=0)
+    for _ in range(7):
+        a.next_batch()
+    b = TokenLoader(shards, "train", 64, 8, seed=0)
+    b.load_state_dict(a.state_dict())
+    for _ in range(a.n_windows // 8 + 5):  # through the next epoch's reshuffle
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    with pytest.raises(ScratchError, match="belongs to other data"):
+        TokenLoader(shards, "train", 32, 8, seed=0).load_state_dict(a.state_dict())
+
+
+def test_loader_refuses_other_tokenizer_and_tiny_splits(shards: Path) -> None:
+    with pytest.raises(ScratchError, match="tokenized with another tokenizer"):
+        TokenLoader(shards, "train", 64, 8, tokenizer_fingerprint="0" * 16)
+    with pytest.raises(ScratchError, match="fewer than one global batch"):
+        TokenLoader(shards, "val", 512, 10_000)
+    with pytest.raises(ScratchError, match="no manifest.json"):
+        TokenLoader(shards.parent, "train", 64, 8)
+
+
+def test_eval_windows_cover_the_split_in_order(shards: Path) -> None:
+    batches = list(iter_eval_windows(shards, 64, 16))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    n_val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+    windows = sum(len(x) for x, _ in batches)
+    assert windows == sum((s["tokens"] - 1) // 64 for s in manifest["shards"]
+                          if s["split"] == "val") and n_val > 0
