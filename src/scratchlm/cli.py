@@ -144,6 +144,36 @@ def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 # ------------------------------------------------------------------------------------------------
+# pretrain
+
+
+def resolve_recipe(name: str | None) -> Path | None:
+    """A config path as given, or a recipe name from the project's configs/ directory."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    recipe = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    if recipe.is_file():
+        return recipe
+    raise ScratchError(f"no config file {name!r} and no recipe configs/{name}.yaml")
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scratchlm.config import Config, load_config
+    from scratchlm.train.pretrain import run_pretraining
+
+    cfg = load_config(Config, resolve_recipe(args.config), overrides)
+    summary = run_pretraining(cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
+    val = summary["val"]
+    print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+          f"{summary['seconds']:.0f} s; val loss {val['loss']:.3f}, bits/byte {val['bpb']:.3f}; "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}; "
+          f"final model in {Path(args.out) / 'final'}")
+    return 0
+
+# ------------------------------------------------------------------------------------------------
 # model: generate, chat, convert, memory
 
 
@@ -353,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--config", default=None, metavar="YAML")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_data_prepare, accepts_overrides=True)
+
+    pre = verbs.add_parser(
+        "pretrain", help="train a model from scratch (tokenizer, data and model as configured)",
+        description="Trains a tokenizer and prepares data when the config does not point at "
+                    "existing ones, then pretrains. Any config key can be overridden: "
+                    "--train.max_steps=40 --model.n_layer=4 ...")
+    pre.add_argument("--config", default=None, metavar="YAML",
+                     help="a config file or a recipe name from configs/ (e.g. tiny-cpu)")
+    pre.add_argument("--out", required=True, metavar="DIR")
+    pre.add_argument("--resume", action="store_true",
+                     help="continue from the newest good checkpoint in DIR")
+    pre.add_argument("--quiet", action="store_true", help="no progress bars")
+    pre.set_defaults(func=cmd_pretrain, accepts_overrides=True)
 
     def add_sampling(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", required=True, metavar="DIR")

@@ -36,6 +36,8 @@ T = TypeVar("T")
 
 @dataclass
 class TokenizerConfig:
+    path: str | None = None
+    """An existing tokenizer directory; None = train one on data.inputs into RUN/tokenizer."""
     vocab_size: int = 8192
     """Vocabulary size: 256 byte tokens + learned merges + special tokens."""
     pattern: str = "gpt4"
@@ -45,13 +47,71 @@ class TokenizerConfig:
 
 
 @dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    micro_batch: int = 8
+    """Sequences per forward pass on each process."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all processes (0 = one micro-batch each); gradient
+    accumulation makes up the difference, so it must be a multiple of
+    micro_batch * block_size * processes."""
+    lr: float = 6e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Steps of linear warmup."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on weight matrices only (see train/optim.py)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping; the norm is still logged)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """fp32; bf16 or fp16 autocast compute with fp32 weights and optimizer state (fp16 with
+    dynamic loss scaling); auto = bf16 on a GPU that supports it, else fp32."""
+    compile: bool = False
+    """torch.compile the model."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda if available)."""
+    seed: int = 1337
+    """Seeds the model init, the data order and dropout."""
+    eval_every: int = 100
+    """Evaluate on the validation shards every N steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 20
+    """Validation batches per evaluation."""
+    sample_tokens: int = 64
+    """Tokens generated as a sample at each evaluation (0 = none)."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best by validation loss."""
+    max_bad_steps: int = 5
+    """Stop after this many steps in a row with a non-finite loss or gradient."""
+    time_budget_s: float = 0.0
+    """Stop after this many seconds of training (0 = no limit); the schedule still assumes
+    max_steps."""
+    pad_vocab_multiple: int = 1
+    """Round the model's vocabulary (taken from the tokenizer) up to a multiple of this."""
+
+
+@dataclass
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Tokenizer training."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data preparation: reading, filters, dedup, shards."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """Model shape (see scratchlm.model.config.PRESETS for named shapes)."""
+    """Model shape (see scratchlm.model.config.PRESETS); vocab_size comes from the tokenizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Pretraining."""
 
 
 # ------------------------------------------------------------------------------------------------

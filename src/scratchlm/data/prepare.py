@@ -42,6 +42,10 @@ STATE = ".prepare_state.npz"
 
 @dataclass
 class DataConfig:
+    inputs: list[str] = field(default_factory=lambda: ["builtin"])
+    """Files, directories or globs to prepare; "builtin" is the built-in Shakespeare corpus."""
+    shards: str | None = None
+    """An already prepared shard directory; None = prepare data.inputs into RUN/data."""
     text_field: str = "text"
     """JSONL field / Parquet column holding the text."""
     separator: str | None = None

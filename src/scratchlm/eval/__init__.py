@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte; later, multiple-choice tasks and task metrics."""

@@ -1,0 +1,67 @@
+"""Loss, perplexity and bits per byte of a language model on held-out tokens.
+
+Bits per byte divides the total cross-entropy (in bits) by the UTF-8 bytes the predicted tokens
+stand for, so models with different tokenizers can be compared; perplexity depends on the
+tokenizer. Special tokens (document separators) stand for no bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from scratchlm.model.gpt import GPT
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) bytes each token id stands for (0 for specials and padding ids)."""
+    lengths = torch.zeros(vocab_size, dtype=torch.float64)
+    lengths[:len(tokenizer.vocab)] = torch.tensor([len(b) for b in tokenizer.vocab],
+                                                  dtype=torch.float64)
+    return lengths
+
+
+@torch.no_grad()
+def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     byte_lengths: torch.Tensor, device: str = "cpu",
+                     autocast: torch.autocast | None = None) -> dict[str, float]:
+    """Mean loss (nats/token), perplexity and bits per byte over (inputs, targets) batches."""
+    was_training = model.training
+    model.eval()
+    nats, tokens, n_bytes = 0.0, 0, 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast or torch.autocast(device_type="cpu", enabled=False):
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
+                               reduction="sum")
+        nats += loss.item()
+        tokens += y.numel()
+        n_bytes += byte_lengths[y.cpu()].sum().item()
+    model.train(was_training)
+    mean = nats / max(tokens, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)),
+            "bpb": nats / math.log(2) / max(n_bytes, 1.0), "tokens": tokens}
+
+
+def text_windows(ids: list[int], block_size: int, batch_size: int
+                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows over a token list (the tail is dropped)."""
+    t = torch.tensor(ids, dtype=torch.long)
+    n = (len(t) - 1) // block_size
+    rows = [t[i * block_size:i * block_size + block_size + 1] for i in range(n)]
+    for i in range(0, len(rows), batch_size):
+        batch = torch.stack(rows[i:i + batch_size])
+        yield batch[:, :-1], batch[:, 1:]
+
+
+def evaluate_text(model: GPT, tokenizer, text: str, block_size: int | None = None,
+                  batch_size: int = 8, device: str = "cpu") -> dict[str, float]:
+    """Loss, perplexity and bits per byte of `model` on a text (e.g. a held-out file)."""
+    ids = tokenizer.encode_batch([text], disallowed_special=())[0]
+    block = block_size or model.config.block_size
+    lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    return evaluate_batches(model, text_windows(ids, block, batch_size), lengths, device)

@@ -1,0 +1,1 @@
+"""Pretraining: the training loop, optimizer, schedule, metrics and checkpoints."""

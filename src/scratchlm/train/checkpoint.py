@@ -1,0 +1,120 @@
+"""Training checkpoints: everything needed to continue a run exactly.
+
+DIR/checkpoints/step-NNNNNN/
+  model.safetensors, config.json, bpe.json, tokenizer.json   the model checkpoint (model/)
+  run.yaml                                                   the resolved run config
+  optimizer.safetensors + optimizer.json                     AdamW moments and step counts
+  rng.safetensors                                            torch RNG states (CPU, CUDA)
+  trainer_state.json                                         step, tokens, loader, best, scaler
+
+A checkpoint is written into a temporary directory that is renamed into place when complete,
+so a run killed mid-write leaves the previous checkpoints untouched. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scratchlm.config import save_config
+from scratchlm.errors import ScratchError
+from scratchlm.model.checkpoint import load_config as load_model_config
+from scratchlm.model.checkpoint import save_model
+from scratchlm.model.gpt import GPT
+from scratchlm.utils import atomic_write_text
+
+STATE = "trainer_state.json"
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary or half-written one is skipped)."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE).is_file())
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"{idx}.{k}": v.detach().contiguous().cpu()
+               for idx, state in sd["state"].items() for k, v in state.items()
+               if isinstance(v, torch.Tensor)}
+    meta = {"param_groups": sd["param_groups"],
+            "scalars": {str(idx): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
+                        for idx, s in sd["state"].items()}}
+    return tensors, meta
+
+
+def save_checkpoint(out: Path, step: int, model: GPT, tokenizer, run_cfg, opt, state: dict
+                    ) -> Path:
+    final = step_dir(out, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, tokenizer)
+    save_config(run_cfg, tmp / "run.yaml")
+    tensors, meta = _optimizer_tensors(opt)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_text(tmp / "optimizer.json", json.dumps(meta))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    atomic_write_text(tmp / STATE, json.dumps(state, indent=2))  # last: marks it complete
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
+    """Restore model, optimizer and RNG state in place; returns the trainer state. Refuses a
+    checkpoint of another model or a damaged one with a ScratchError."""
+    saved = load_model_config(path)
+    if saved != model.config:
+        diff = [f"{k} {getattr(saved, k)!r} vs {getattr(model.config, k)!r}"
+                for k in model.config.to_dict() if getattr(saved, k) != getattr(model.config, k)]
+        raise ScratchError(f"{path} is a checkpoint of another model ({', '.join(diff[:3])})")
+    try:
+        state = json.loads((path / STATE).read_text())
+        model_state = load_file(str(path / "model.safetensors"))
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        opt_meta = json.loads((path / "optimizer.json").read_text())
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScratchError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+    from scratchlm.model.checkpoint import check_state
+
+    check_state(model, model_state, str(path / "model.safetensors"))
+    model.load_state_dict(model_state, strict=not model.config.tie_embeddings)
+    opt_state: dict = {"param_groups": opt_meta["param_groups"], "state": {}}
+    for idx, scalars in opt_meta["scalars"].items():
+        opt_state["state"][int(idx)] = dict(scalars)
+    for key, tensor in opt_tensors.items():
+        idx, name = key.split(".", 1)
+        opt_state["state"].setdefault(int(idx), {})[name] = tensor
+    try:
+        opt.load_state_dict(opt_state)
+    except (ValueError, KeyError) as e:
+        raise ScratchError(f"{path}: optimizer state does not fit this model ({e})") from None
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return state
+
+
+def prune(out: Path, keep_last: int, keep: set[int]) -> None:
+    """Delete all but the newest `keep_last` checkpoints and those whose step is in `keep`."""
+    ckpts = list_checkpoints(out)
+    for path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
+        if int(path.name.split("-")[1]) not in keep:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,258 @@
+"""The training loop every stage reuses.
+
+One optimizer step: `accumulation` micro-batches forward and backward (the loss of each divided
+by their number, so the summed gradient is the mean over the global batch), unscale (fp16),
+clip the global norm, set this step's learning rate, AdamW step. Steps whose loss or gradient
+is not finite are skipped and counted; too many in a row stop the run, its last good
+checkpoint intact. Evaluation, samples, metrics, checkpoints and the loss plot happen here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from scratchlm.config import Config, save_config
+from scratchlm.data.loader import TokenLoader, iter_eval_windows
+from scratchlm.errors import ScratchError
+from scratchlm.eval.perplexity import evaluate_batches, token_byte_lengths
+from scratchlm.model.checkpoint import save_model
+from scratchlm.model.gpt import GPT
+from scratchlm.train import checkpoint as ckpt
+from scratchlm.train.metrics import MetricsLogger, memory_gb, peak_flops, plot_losses
+from scratchlm.train.optim import build_optimizer
+from scratchlm.train.schedule import lr_at
+from scratchlm.utils import atomic_write_text
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ScratchError(f"train.device is {name!r} but no CUDA device is available; "
+                           "use --train.device=cpu")
+    return name
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """auto: bf16 on a GPU that supports it, else fp32 (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: GPT, tokenizer, data_dir: Path, out: Path,
+                 fingerprint: str, resume: bool = False, progress: bool = True) -> None:
+        t = cfg.train
+        self.cfg, self.tokenizer, self.data_dir, self.out = cfg, tokenizer, data_dir, out
+        self.progress = progress
+        self.device = resolve_device(t.device)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.model = model.to(self.device)
+        self.model.checkpointing = t.activation_checkpointing
+        block = model.config.block_size
+        per_micro = t.micro_batch * block
+        target = t.global_batch_tokens or per_micro
+        if target % per_micro:
+            raise ScratchError(
+                f"train.global_batch_tokens ({target}) must be a multiple of micro_batch x "
+                f"block_size ({t.micro_batch} x {block} = {per_micro})")
+        self.accumulation = target // per_micro
+        self.tokens_per_step = target
+        self.loader = TokenLoader(data_dir, "train", block, t.micro_batch, seed=t.seed,
+                                  tokenizer_fingerprint=fingerprint)
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+        self.scaler = torch.amp.GradScaler(self.device.split(":")[0],
+                                           enabled=self.precision == "fp16")
+        self.forward = torch.compile(model) if t.compile else model
+        self.byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+        self.flops_per_step = model.flops_per_token(block) * self.tokens_per_step
+        self.peak = peak_flops(self.device, DTYPES[self.precision])
+        self.step, self.tokens_seen = 0, 0
+        self.best_val, self.best_step = math.inf, -1
+        self.bad_in_row, self.skipped = 0, 0
+        self.logger = MetricsLogger(out, resume)
+        if resume:
+            self._resume()
+
+    # --------------------------------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=DTYPES[self.precision])
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns its metrics."""
+        t = self.cfg.train
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accumulation):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                _, loss = self.forward(x, y)
+            loss = loss / self.accumulation
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # no-op unless fp16
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   t.grad_clip if t.grad_clip > 0 else math.inf)
+        lr = lr_at(self.step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_value, norm_value = total.item(), grad_norm.item()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite or self.precision == "fp16":
+            # fp16: an overflowed gradient is the scaler's to handle (it skips the step and
+            # lowers the scale); only a non-finite loss counts against the run.
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.precision == "fp16" and self.scaler.get_scale() < scale
+        else:
+            skipped = True
+        self.optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            self.skipped += 1
+        bad = not math.isfinite(loss_value) or (not finite and self.precision != "fp16")
+        self.bad_in_row = self.bad_in_row + 1 if bad else 0
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "skipped": self.skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg = self.model.config
+        batches = iter_eval_windows(self.data_dir, cfg.block_size, self.cfg.train.micro_batch,
+                                    self.cfg.train.eval_batches)
+        autocast = self.autocast() if self.precision != "fp32" else None
+        return evaluate_batches(self.model, batches, self.byte_lengths, self.device, autocast)
+
+    def sample(self) -> str:
+        from scratchlm.generate import generate_text
+
+        n = min(self.cfg.train.sample_tokens, self.model.config.block_size - 1)
+        if n <= 0:
+            return ""
+        text = generate_text(self.model, self.tokenizer, "<|endoftext|>", n, temperature=0.8,
+                             top_k=50, seed=self.step, stop_at_eot=True)
+        self.model.train()
+        return text
+
+    # --------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "best_step": self.best_step, "skipped": self.skipped,
+                "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
+                "config": asdict(self.cfg)}
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.cfg,
+                                    self.optimizer, self._state())
+        ckpt.prune(self.out, self.cfg.train.keep_last, {self.best_step})
+        return path
+
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint that loads; a damaged one, or one of another
+        model, is reported and the one before it tried."""
+        for path in reversed(ckpt.list_checkpoints(self.out)):
+            try:
+                state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+                self.loader.load_state_dict(state["loader"])
+            except ScratchError as e:
+                print(f"[train] cannot resume from {path.name}: {e}; trying an older one")
+                continue
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.best_val, self.best_step = state["best_val"], state["best_step"]
+            self.skipped = state["skipped"]
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.logger.truncate(self.step)
+            print(f"[train] resumed from {path} (step {self.step})")
+            return
+        print(f"[train] no checkpoint to resume in {self.out / 'checkpoints'}; starting at 0")
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        if self.step >= t.max_steps:
+            print(f"[train] already at step {self.step} of {t.max_steps}")
+        self.model.train()
+        start = time.perf_counter()
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="pretraining", unit="step",
+                   disable=not self.progress)
+        last_val: dict = {}
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            row = self.train_step()
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            row.update(step=self.step, tokens=self.tokens_seen,
+                       tokens_per_s=self.tokens_per_step / dt,
+                       mfu=self.flops_per_step / dt / self.peak,
+                       memory_gb=memory_gb(self.device), time_s=time.perf_counter() - start)
+            if self.bad_in_row >= t.max_bad_steps:
+                bar.close()
+                good = ckpt.list_checkpoints(self.out)
+                raise ScratchError(
+                    f"loss or gradients were not finite for {self.bad_in_row} steps in a row "
+                    f"(at step {self.step}); lower train.lr or use fp32/bf16. Last good "
+                    f"checkpoint: {good[-1] if good else 'none'}")
+            out_of_time = t.time_budget_s and time.perf_counter() - start >= t.time_budget_s
+            done = self.step >= t.max_steps or out_of_time
+            if (t.eval_every and self.step % t.eval_every == 0) or done:
+                last_val = self.evaluate()
+                row.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"],
+                           val_bpb=last_val["bpb"])
+                if last_val["loss"] < self.best_val:
+                    self.best_val, self.best_step = last_val["loss"], self.step
+                sample = self.sample()
+                if sample and self.progress:
+                    tqdm.write(f"[step {self.step}] val loss {last_val['loss']:.3f}, "
+                               f"bpb {last_val['bpb']:.3f} | {sample[:200]!r}")
+            self.logger.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}",
+                            tok_s=f"{row['tokens_per_s']:,.0f}", mfu=f"{row['mfu']:.1%}")
+            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or done:
+                self.save()
+            if out_of_time:
+                print(f"[train] time budget of {t.time_budget_s:.0f} s reached at step "
+                      f"{self.step}")
+                break
+        bar.close()
+        return self.finish(last_val, time.perf_counter() - start)
+
+    def finish(self, last_val: dict, seconds: float) -> dict:
+        final = self.out / "final"
+        save_model(self.model, final, self.tokenizer)
+        save_config(self.cfg, final / "run.yaml")
+        rows = self.logger.rows()
+        self.logger.close()
+        plot_losses(rows, self.out / "loss.png", f"pretraining: {self.model.config.n_layer} "
+                    f"layers x {self.model.config.n_embd}")
+        train_rows = [r for r in rows if "tokens_per_s" in r]
+        steady = train_rows[len(train_rows) // 5:] or train_rows  # leave out warm-up steps
+        summary = {
+            "steps": self.step, "tokens": self.tokens_seen, "seconds": seconds,
+            "final_train_loss": rows[-1]["loss"] if rows else None,
+            "val": last_val, "best_val_loss": self.best_val, "best_step": self.best_step,
+            "skipped_steps": self.skipped,
+            "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(len(steady), 1),
+            "mfu": sum(r["mfu"] for r in steady) / max(len(steady), 1),
+            "peak_flops": self.peak, "precision": self.precision, "device": self.device,
+            "parameters": self.model.num_params(),
+        }
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        return summary
