@@ -225,7 +225,10 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}",
                             tok_s=f"{row['tokens_per_s']:,.0f}", mfu=f"{row['mfu']:.1%}")
-            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or done:
+            # No checkpoint in a streak of non-finite steps: the last one written stays the
+            # last good one.
+            if ((t.checkpoint_every and self.step % t.checkpoint_every == 0) or done) \
+                    and not self.bad_in_row:
                 self.save()
             if out_of_time:
                 print(f"[train] time budget of {t.time_budget_s:.0f} s reached at step "
