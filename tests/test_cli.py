@@ -92,13 +92,19 @@ def test_gpt2_import_export(gpt2_dir: Path, tmp_path: Path, monkeypatch, capsys)
 
 
 def test_demo_builds_then_reuses(tmp_path: Path, monkeypatch, capsys) -> None:
-    argv = ["demo", "--out", str(tmp_path), "--quiet", "--tokenizer.vocab_size=512"]
+    """The whole pipeline with the tiny recipe (`make demo` runs configs/demo.yaml)."""
+    argv = ["demo", "--config", "tiny-cpu", "--out", str(tmp_path), "--quiet"]
     code, out, _ = run(argv, monkeypatch, capsys)
-    assert code == 0 and "training" in out
+    assert code == 0 and "training a 2,048-token" in out and "preparing shards" in out
     report = (tmp_path / "report.md").read_text()
-    assert "bytes/token" in report and "vocab_size=512" in report
+    for part in ["## Tokenizer", "## Data", "## Pretraining", "bits per byte", "loss.png",
+                 "## Samples", "ROMEO:"]:
+        assert part in report
+    assert (tmp_path / "loss.png").is_file()
     code, out, _ = run(argv, monkeypatch, capsys)
-    assert code == 0 and "reusing" in out
+    assert code == 0 and "reusing the finished run" in out and "training a" not in out
+    code, _, err = run(argv + ["--train.max_steps=61"], monkeypatch, capsys)
+    assert code == 2 and "finished run of another config" in err
 
 
 @pytest.fixture(scope="module")

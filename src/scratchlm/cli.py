@@ -302,7 +302,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from scratchlm.config import Config, load_config
     from scratchlm.demo import run_demo
 
-    cfg = load_config(Config, args.config, overrides)
+    cfg = load_config(Config, resolve_recipe(args.config or "demo"), overrides)
     report = run_demo(cfg, Path(args.out), progress=not args.quiet)
     print(f"demo finished; report: {report}")
     return 0
@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs every stage that has landed on the built-in Shakespeare corpus; any "
                     "config key can be overridden with --section.key=value.")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
-    demo.add_argument("--config", default=None, metavar="YAML")
+    demo.add_argument("--config", default=None, metavar="YAML",
+                      help="a config file or recipe name (default: configs/demo.yaml)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo, accepts_overrides=True)
     return parser

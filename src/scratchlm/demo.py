@@ -1,7 +1,8 @@
 """`scratchlm demo`: every stage that has landed, on the built-in Shakespeare corpus.
 
-What is already built in the run directory (with the same config) is reused, so a second run
-only redoes what changed. The figures land in `report.md` in the run directory.
+tokenizer -> data shards -> pretraining -> evaluation -> samples -> report.md, in one run
+directory. What is already built there with the same config is reused, so a second run only
+redoes what changed.
 """
 
 from __future__ import annotations
@@ -9,61 +10,91 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scratchlm.config import Config, save_config, to_dict
-from scratchlm.data.builtin import iter_scenes
+from scratchlm.config import Config, load_config, save_config, to_dict
+from scratchlm.data.loader import read_manifest
+from scratchlm.data.prepare import summary_table
+from scratchlm.errors import ScratchError
+from scratchlm.generate import generate_text
+from scratchlm.model.checkpoint import load_model
 from scratchlm.tokenizer import BPETokenizer
-from scratchlm.tokenizer.stats import tokenizer_stats
-from scratchlm.utils import atomic_write_text
+from scratchlm.train.pretrain import ensure_data, ensure_tokenizer, run_pretraining
+from scratchlm.utils import atomic_write_text, data_dir
 
-HOLDOUT_EVERY = 20  # every 20th scene is held out from tokenizer training (5%)
+PROMPTS = ["ROMEO:\n", "HAMLET:\nTo be, or not", "KING HENRY V:\nOnce more"]
 
 
-def build_tokenizer(cfg: Config, out: Path, progress: bool) -> tuple[BPETokenizer, bool]:
-    """Train the tokenizer on the training scenes, or reuse the one trained with this config."""
-    tok_dir = out / "tokenizer"
-    stamp = tok_dir / "trained_with.json"
-    wanted = json.dumps(to_dict(cfg.tokenizer), sort_keys=True)
-    if stamp.is_file() and stamp.read_text() == wanted:
-        print(f"[tokenizer] reusing {tok_dir}")
-        return BPETokenizer.load(tok_dir), True
-    print(f"[tokenizer] training a {cfg.tokenizer.vocab_size:,}-token byte-level BPE")
-    train = (s.text for i, s in enumerate(iter_scenes()) if i % HOLDOUT_EVERY)
-    tok = BPETokenizer.train(train, cfg.tokenizer.vocab_size, cfg.tokenizer.pattern,
-                             cfg.tokenizer.special_tokens, progress=progress)
-    tok.save(tok_dir)
-    atomic_write_text(stamp, wanted)
-    return tok, False
+def _shape(cfg: Config) -> dict:
+    """What decides a trained model: the training settings and the model shape (its
+    vocabulary follows from the tokenizer)."""
+    return {"train": to_dict(cfg.train),
+            "model": {k: v for k, v in to_dict(cfg.model).items() if k != "vocab_size"}}
+
+
+def trained_model(cfg: Config, out: Path, prepared: tuple[Path, Path], progress: bool
+                  ) -> tuple[dict, bool]:
+    """Pretrain, continue an interrupted run, or reuse a finished run of the same config."""
+    summary, saved = out / "summary.json", out / "final" / "run.yaml"
+    if summary.is_file() and saved.is_file():
+        if _shape(load_config(Config, saved)) != _shape(cfg):
+            raise ScratchError(f"{out} holds a finished run of another config; use another "
+                               "--out or delete it")
+        print(f"[train] reusing the finished run in {out}")
+        return json.loads(summary.read_text()), True
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    return run_pretraining(cfg, out, resume, progress, prepared), False
 
 
 def run_demo(cfg: Config, out: Path, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    tok, reused = build_tokenizer(cfg, out, progress)
-    held_out = [s.text for i, s in enumerate(iter_scenes()) if i % HOLDOUT_EVERY == 0]
-    stats = tokenizer_stats(tok, held_out)
-    sample = held_out[0].split("\n\n")[1]
-    ids = tok.encode(sample)
-    assert tok.decode(ids) == sample, "round trip failed"
-    shown = " | ".join(tok.decode([i]) for i in ids[:24])
-    print(f"[tokenizer] held-out bytes/token {stats['bytes_per_token']:.3f}, "
-          f"vocab used {100 * stats['vocab_used_fraction']:.1f}%")
-    report = "\n".join([
+    tok_dir = ensure_tokenizer(cfg, out, progress)
+    shards = ensure_data(cfg, out, tok_dir, progress)
+    summary, reused = trained_model(cfg, out, (tok_dir, shards), progress)
+    tok = BPETokenizer.load(tok_dir)
+    model = load_model(out / "final")
+    samples = [generate_text(model, tok, p, 120, temperature=0.8, top_k=50, seed=k)
+               for k, p in enumerate(PROMPTS)]
+    held_out = None
+    shakespeare = data_dir() / "corpus" / "tinyshakespeare.txt"
+    if shakespeare.is_file():  # a second, independent text (it overlaps the plays' text)
+        from scratchlm.eval.perplexity import evaluate_text
+
+        held_out = evaluate_text(model, tok, shakespeare.read_text(encoding="utf-8")[-100_000:])
+    manifest = read_manifest(shards)
+    val = summary["val"]
+    lines = [
         "# scratchlm demo report",
+        "",
+        "The whole pipeline on the built-in corpus (Shakespeare's plays, one document per "
+        "scene)." + (" Reused from an earlier run." if reused else ""),
         "",
         "## Tokenizer",
         "",
-        f"- {tok!r}, pattern `{cfg.tokenizer.pattern}`"
-        f"{' (reused from an earlier run)' if reused else ''}",
-        f"- trained on {HOLDOUT_EVERY - 1} of every {HOLDOUT_EVERY} scenes of the built-in corpus",
-        f"- held-out scenes: {stats['bytes']:,} bytes -> {stats['tokens']:,} tokens, "
-        f"**{stats['bytes_per_token']:.3f} bytes/token**",
-        f"- vocabulary used on held-out text: {stats['vocab_used']:,} of {stats['vocab_size']:,}",
+        f"- {tok!r}, pattern `{cfg.tokenizer.pattern}`, trained on data.inputs",
         "",
-        "A held-out speech, split into its first tokens:",
+        "## Data",
         "",
         "```",
-        shown,
+        summary_table(manifest),
         "```",
         "",
-    ])
-    return atomic_write_text(out / "report.md", report)
+        "## Pretraining",
+        "",
+        f"- model: {summary['parameters'] / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
+        f"{cfg.model.n_embd}, context {cfg.model.block_size}",
+        f"- {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "
+        f"on {summary['device']} ({summary['precision']}): {summary['tokens_per_s']:,.0f} "
+        f"tokens/s, MFU {summary['mfu']:.1%} of a measured {summary['peak_flops'] / 1e9:.0f} "
+        "GFLOP/s matmul peak",
+        f"- validation: loss {val['loss']:.3f} nats/token, perplexity {val['ppl']:.1f}, "
+        f"**{val['bpb']:.3f} bits per byte**",
+    ]
+    if held_out:
+        lines.append(f"- last 100 kB of Tiny Shakespeare (../shared/data): "
+                     f"{held_out['bpb']:.3f} bits per byte")
+    lines += ["", "![loss curve](loss.png)", "", "## Samples", ""]
+    for prompt, text in zip(PROMPTS, samples):
+        lines += ["```", prompt + text, "```", ""]
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
+    print(f"[demo] validation bits/byte {val['bpb']:.3f}; sample:\n{PROMPTS[0]}{samples[0]}")
+    return report

@@ -9,6 +9,7 @@ shards as an uninterrupted run. `manifest.json` records every count at the end.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -44,6 +45,9 @@ STATE = ".prepare_state.npz"
 class DataConfig:
     inputs: list[str] = field(default_factory=lambda: ["builtin"])
     """Files, directories or globs to prepare; "builtin" is the built-in Shakespeare corpus."""
+    val_inputs: list[str] = field(default_factory=list)
+    """Files held out whole for validation; when given, val_fraction is not used and every
+    document of `inputs` goes to training."""
     shards: str | None = None
     """An already prepared shard directory; None = prepare data.inputs into RUN/data."""
     text_field: str = "text"
@@ -191,9 +195,13 @@ def _load_state(out: Path, key: str) -> dict | None:
     return meta
 
 
-def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
-    while batch := list(itertools.islice(texts, size)):
-        yield batch
+def _batches(docs: Iterator[tuple[str, str | None]], size: int,
+             splits: collections.deque) -> Iterator[list[str]]:
+    """Texts for the workers, batch by batch; each document's forced split (or None) is
+    queued in `splits` in the same order, for the main process to pair with the results."""
+    while batch := list(itertools.islice(docs, size)):
+        splits.extend(split for _, split in batch)
+        yield [text for text, _ in batch]
 
 
 def _results(batches: Iterator[list[str]], tokenizer_dir: Path, cfg: DataConfig
@@ -256,13 +264,22 @@ def prepare(
         print(f"[data] resuming after {docs_done:,} documents "
               f"({sum(len(w.shards) for w in writers.values())} shards already written)")
 
-    texts: Iterator[str] = iter(documents) if documents is not None else (
-        d.text for d in iter_documents(named, cfg.text_field, cfg.separator, cfg.errors))
-    texts = itertools.islice(texts, docs_done, None)  # resuming: skip what is in the shards
+    def read(paths: list[str]) -> Iterator[str]:
+        return (d.text for d in iter_documents(paths, cfg.text_field, cfg.separator,
+                                               cfg.errors))
+
+    forced = "train" if cfg.val_inputs else None
+    docs: Iterator[tuple[str, str | None]] = (
+        (text, forced) for text in (iter(documents) if documents is not None else read(named)))
+    if cfg.val_inputs:
+        docs = itertools.chain(docs, ((text, "val") for text in read(cfg.val_inputs)))
+    docs = itertools.islice(docs, docs_done, None)  # resuming: skip what is in the shards
+    splits: collections.deque = collections.deque()
     t0 = time.perf_counter()
     bar = tqdm(desc="preparing", unit="doc", disable=not progress)
-    for results in _results(_batches(texts, cfg.batch_docs), tokenizer_dir, cfg):
+    for results in _results(_batches(docs, cfg.batch_docs, splits), tokenizer_dir, cfg):
         for n_in, failure, n_kept, ekey, sig, tokens in results:
+            forced_split = splits.popleft()
             docs_done += 1
             counts.documents_in += 1
             counts.bytes_in += n_in
@@ -281,9 +298,9 @@ def prepare(
                 index.add(sig)
             counts.documents_kept += 1
             counts.bytes_kept += n_kept
-            # The split follows from the text alone, so it is stable across runs.
-            split = "val" if int.from_bytes(ekey[:4], "little") % 1_000_000 < \
-                cfg.val_fraction * 1_000_000 else "train"
+            # Unless forced, the split follows from the text alone: stable across runs.
+            split = forced_split or ("val" if int.from_bytes(ekey[:4], "little") % 1_000_000
+                                     < cfg.val_fraction * 1_000_000 else "train")
             counts.tokens[split] += len(tokens)
             if writers[split].add(tokens):
                 _save_state(out, key, docs_done, counts, seen, index, writers)

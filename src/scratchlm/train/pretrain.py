@@ -92,15 +92,19 @@ def build_model(cfg: Config, tokenizer: BPETokenizer) -> tuple[GPT, Config]:
     return GPT(cfg.model), cfg
 
 
-def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
+                    prepared: tuple[Path, Path] | None = None) -> dict:
+    """The whole run; `prepared` = (tokenizer dir, shard dir) when the caller built them."""
     from scratchlm.train.trainer import Trainer
 
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ScratchError(f"{out} already has checkpoints; pass --resume to continue that "
                            "run, or choose another --out")
-    tok_dir = ensure_tokenizer(cfg, out, progress)
-    data_dir = ensure_data(cfg, out, tok_dir, progress)
+    if prepared is None:
+        tok_dir = ensure_tokenizer(cfg, out, progress)
+        prepared = tok_dir, ensure_data(cfg, out, tok_dir, progress)
+    tok_dir, data_dir = prepared
     tokenizer = BPETokenizer.load(tok_dir)
     model, cfg = build_model(cfg, tokenizer)
     save_config(cfg, out / "config.yaml")
