@@ -58,7 +58,7 @@ def test_stats(tok_dir: Path, shared_data: Path, monkeypatch, capsys) -> None:
 
 @pytest.mark.parametrize("argv, stdin, message", [
     (["tokenizer", "train", "--input", "nope.txt", "--vocab-size", "300", "--out", "x"], b"",
-     "nope.txt: no such file or directory"),
+     "nope.txt: no such file"),
     (["tokenizer", "encode", "--tokenizer", "no-such-dir"], b"hi", "no tokenizer here"),
     (["tokenizer", "encode", "--tokenizer", "TOK"], b"caf\xe9", "byte offset 3"),
     (["tokenizer", "encode", "--tokenizer", "TOK"], b"a<|endoftext|>", "special token"),
@@ -169,3 +169,15 @@ def test_memory_table(monkeypatch, capsys) -> None:
     code, _, err = run(["memory", "--preset", "llama-7b", "--model.n_layr=3"], monkeypatch,
                        capsys)
     assert code == 2 and "did you mean 'model.n_layer'" in err
+
+
+def test_pretrain_bad_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run(["pretrain", "--config", "no-such-recipe", "--out", str(tmp_path)],
+                       monkeypatch, capsys)
+    assert code == 2 and "no recipe configs/no-such-recipe.yaml" in err
+    code, _, err = run(["pretrain", "--config", "tiny-cpu", "--out", str(tmp_path),
+                        "--train.lrr=1"], monkeypatch, capsys)
+    assert code == 2 and "did you mean 'train.lr'" in err
+    code, _, err = run(["pretrain", "--config", "tiny-cpu", "--out", str(tmp_path),
+                        "--train.precision=fp8"], monkeypatch, capsys)
+    assert code == 2 and "'fp8' is not one of" in err

@@ -351,3 +351,18 @@ def test_eval_windows_cover_the_split_in_order(shards: Path) -> None:
     windows = sum(len(x) for x, _ in batches)
     assert windows == sum((s["tokens"] - 1) // 64 for s in manifest["shards"]
                           if s["split"] == "val") and n_val > 0
+
+
+def test_val_inputs_hold_out_whole_files(tmp_path: Path, tok_dir: Path,
+                                         shared_data: Path) -> None:
+    train, val = (shared_data / "corpus" / "austen" / f for f in ("persuasion.txt",
+                                                                  "northangerabbey.txt"))
+    cfg = DataConfig(separator="\n\n", workers=1, val_inputs=[str(val)])
+    cfg.dedup.exact = cfg.dedup.near = False
+    both = prepare([train], tok_dir, tmp_path / "both", cfg, progress=False)
+    alone = DataConfig(separator="\n\n", workers=1, val_fraction=0.0)
+    alone.dedup.exact = alone.dedup.near = False
+    only_val = prepare([val], tok_dir, tmp_path / "val", alone, progress=False)
+    only_train = prepare([train], tok_dir, tmp_path / "train", alone, progress=False)
+    assert both["tokens_val"] == only_val["tokens_train"]
+    assert both["tokens_train"] == only_train["tokens_train"]

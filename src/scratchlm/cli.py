@@ -8,30 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from scratchlm import __version__
 from scratchlm.errors import ScratchError
-
-Handler = Callable[[argparse.Namespace, list[str]], int]
-
-
-def expand_inputs(paths: Sequence[str]) -> list[Path]:
-    """Files named directly, plus every file under a named directory (sorted)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            if not found:
-                raise ScratchError(f"{p}: directory has no files to read")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ScratchError(f"{p}: no such file or directory; check the --input path")
-    return files
-
 
 def read_stdin_text(errors: str) -> str:
     data = sys.stdin.buffer.read()
@@ -47,9 +28,10 @@ def read_stdin_text(errors: str) -> str:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.data.readers import expand_paths
     from scratchlm.tokenizer import BPETokenizer
 
-    sources: list = expand_inputs(args.input) if args.input else []
+    sources: list = expand_paths(args.input) if args.input else []
     if args.builtin:
         from scratchlm.data.builtin import iter_scenes
 
@@ -95,8 +77,10 @@ def cmd_tokenizer_stats(args: argparse.Namespace, _: list[str]) -> int:
     from scratchlm.tokenizer import BPETokenizer
     from scratchlm.tokenizer.stats import format_stats, tokenizer_stats
 
+    from scratchlm.data.readers import expand_paths
+
     tok = BPETokenizer.load(args.tokenizer)
-    print(format_stats(tokenizer_stats(tok, expand_inputs(args.input), args.errors)))
+    print(format_stats(tokenizer_stats(tok, expand_paths(args.input), args.errors)))
     return 0
 
 
