@@ -54,7 +54,17 @@ def write_corpus(path: Path, docs: list[str], passes: int) -> int:
     return n
 
 
-PREPARE = """
+# Memory is read from /proc/self/status: VmHWM is the peak resident set of this process alone
+# (getrusage's ru_maxrss survives exec, so a child would report its parent's peak); RssAnon and
+# RssFile split what is resident at the end into allocated memory and file pages (the shards a
+# loader maps are file pages the kernel can drop at any time).
+STATUS = """
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")}
+"""
+
+PREPARE = STATUS + """
 import json, resource, sys, time
 from scratchlm.data.prepare import DataConfig, prepare
 cfg = DataConfig(workers=2, val_fraction=0.01)
@@ -64,18 +74,17 @@ m = prepare([sys.argv[1]], sys.argv[2], sys.argv[3], cfg, progress=False)
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "manifest": {k: m[k] for k in
       ("documents_in", "documents_kept", "bytes_in", "tokens", "removed")},
-      "rss_parent_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "main": status(),
       "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
-LOADER = """
-import json, resource, sys
+LOADER = STATUS + """
+import json, sys
 from scratchlm.data.loader import TokenLoader
 loader = TokenLoader(sys.argv[1], "train", 1024, 8)
 for _ in range(loader.n_windows // 8):
     loader.next_batch()
-print(json.dumps({"windows": loader.n_windows,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"windows": loader.n_windows, **status()}))
 """
 
 
@@ -110,15 +119,17 @@ def main() -> None:
             rows.append({"mb": n_bytes / 1e6, "bare_1": bare_1, "bare_2": bare_2, **prep,
                          "loader": load})
     print("| corpus | prepare | MB/s | bare tiktoken, 1 thread | ratio | bare tiktoken, 2 "
-          "threads | ratio | documents kept | peak RSS: main / worker / loader |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "threads | ratio | documents kept | prepare: main peak / worker peak | loader: "
+          "peak / allocated / file pages |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["manifest"]
         print(f"| {r['mb']:.1f} MB | {r['seconds']:.1f} s | {r['mb'] / r['seconds']:.2f} | "
               f"{r['bare_1']:.1f} s | {r['seconds'] / r['bare_1']:.2f}× | {r['bare_2']:.1f} s | "
               f"{r['seconds'] / r['bare_2']:.2f}× | {m['documents_kept']:,} of "
-              f"{m['documents_in']:,} | {r['rss_parent_mb']:.0f} / {r['rss_worker_mb']:.0f} / "
-              f"{r['loader']['rss_mb']:.0f} MB |")
+              f"{m['documents_in']:,} | {r['main']['VmHWM']:.0f} / {r['rss_worker_mb']:.0f} MB | "
+              f"{r['loader']['VmHWM']:.0f} / {r['loader']['RssAnon']:.0f} / "
+              f"{r['loader']['RssFile']:.0f} MB |")
     removed = rows[-1]["manifest"]["removed"]
     print("\nRemoved from the 50 MB corpus: " + ", ".join(
         f"{k} {v['documents']:,}" for k, v in removed.items() if v["documents"]))

@@ -249,19 +249,19 @@ def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_dat
                                                              "northangerabbey.txt")]
     cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=25_000, val_fraction=0.05)
     whole = prepare(corpus, tok_dir, tmp_path / "whole", cfg, progress=False)
-    real_write, calls = prepare_mod.write_shard, []
+    real_finish, calls = prepare_mod.finish_shard, []
 
-    def crash_after_three(*args, **kwargs):
+    def crash_after_three(shard):
         if len(calls) == 3:
             raise KeyboardInterrupt  # as if the process died here
-        calls.append(args[0])
-        return real_write(*args, **kwargs)
+        calls.append(shard.path)
+        return real_finish(shard)
 
-    monkeypatch.setattr(prepare_mod, "write_shard", crash_after_three)
+    monkeypatch.setattr(prepare_mod, "finish_shard", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
     assert not (tmp_path / "again" / "manifest.json").exists()
-    monkeypatch.setattr(prepare_mod, "write_shard", real_write)
+    monkeypatch.setattr(prepare_mod, "finish_shard", real_finish)
     resumed = prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
     assert [s["file"] for s in resumed["shards"]] == [s["file"] for s in whole["shards"]]
     for s in whole["shards"]:
@@ -277,7 +277,7 @@ def test_prepare_bad_input(tmp_path: Path, tok_dir: Path) -> None:
         prepare([tmp_path / "tiny.txt"], tok_dir, tmp_path / "out",
                 DataConfig(workers=1), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
-    assert not list((tmp_path / "out").glob("*.bin"))
+    assert not list((tmp_path / "out").glob("*.bin")) and not list((tmp_path / "out").glob(".*"))
     with pytest.raises(ScratchError, match="no tokenizer here"):
         prepare([tmp_path / "tiny.txt"], tmp_path, tmp_path / "o2", progress=False)
 

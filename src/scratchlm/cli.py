@@ -14,6 +14,7 @@ from pathlib import Path
 from scratchlm import __version__
 from scratchlm.errors import ScratchError
 
+
 def read_stdin_text(errors: str) -> str:
     data = sys.stdin.buffer.read()
     try:
@@ -74,10 +75,9 @@ def cmd_tokenizer_decode(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_tokenizer_stats(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.data.readers import expand_paths
     from scratchlm.tokenizer import BPETokenizer
     from scratchlm.tokenizer.stats import format_stats, tokenizer_stats
-
-    from scratchlm.data.readers import expand_paths
 
     tok = BPETokenizer.load(args.tokenizer)
     print(format_stats(tokenizer_stats(tok, expand_paths(args.input), args.errors)))

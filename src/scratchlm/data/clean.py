@@ -11,6 +11,7 @@ from __future__ import annotations
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import regex
@@ -69,12 +70,18 @@ def normalize_text(text: str) -> str:
     return _BLANKS.sub("\n\n", text).strip()
 
 
+@cache
+def _boilerplate_regex(phrases: tuple[str, ...]) -> regex.Pattern:
+    return regex.compile("|".join(regex.escape(p) for p in phrases), flags=regex.IGNORECASE)
+
+
 def drop_boilerplate(text: str, phrases: list[str]) -> str:
     if not phrases:
         return text
-    lowered = [p.lower() for p in phrases]
-    return "\n".join(line for line in text.split("\n")
-                     if not any(p in line.lower() for p in lowered))
+    pattern = _boilerplate_regex(tuple(phrases))
+    if not pattern.search(text):  # the common case: one scan of the whole text
+        return text
+    return "\n".join(line for line in text.split("\n") if not pattern.search(line))
 
 
 def clean(text: str, cfg: FilterConfig) -> str:
@@ -111,7 +118,8 @@ def _ngram_failure(words: list[str], cfg: FilterConfig) -> str | None:
         chars = lengths[first[top]:first[top] + n].sum() * counts[top]
         if counts[top] > 1 and chars / total > limit:
             return f"top_{n}gram"
-    for n, limit in zip(range(5, 11), cfg.max_dup_ngram_chars or ()):
+    limits = list(zip(range(5, 11), cfg.max_dup_ngram_chars or ()))
+    for n, limit in limits:
         if len(words) < n:
             break
         keys = _ngram_keys(ids, n)
@@ -120,8 +128,13 @@ def _ngram_failure(words: list[str], cfg: FilterConfig) -> str | None:
         covered = np.zeros(len(words), dtype=bool)
         for k in range(n):  # mark every word of each repeated n-gram
             covered[starts + k] = True
-        if lengths[covered].sum() / total > limit:
+        share = lengths[covered].sum() / total
+        if share > limit:
             return f"dup_{n}gram"
+        # Every word of a repeated longer n-gram lies in a repeated 5-gram, so the shares only
+        # fall as n grows: below every remaining limit, no longer n can fail.
+        if share <= min(lim for _, lim in limits):
+            return None
     return None
 
 

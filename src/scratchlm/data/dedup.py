@@ -76,26 +76,31 @@ def minhash(text: str, cfg: DedupConfig, perms: tuple[np.ndarray, np.ndarray]) -
 
 
 class NearDuplicateIndex:
-    """The signatures of kept documents, bucketed by band."""
+    """The signatures of kept documents, bucketed by band. Kept compact, since it grows with
+    every kept document: signatures in one growing array, and each band's contents hashed to
+    a Python int (salted per process, which is fine: the index is rebuilt from the signatures
+    on resume) mapping to a document, or to a list of them when several share it."""
 
     def __init__(self, cfg: DedupConfig) -> None:
         if cfg.num_perm % cfg.bands:
             raise ValueError(f"bands ({cfg.bands}) must divide num_perm ({cfg.num_perm})")
         self.cfg = cfg
         self.rows = cfg.num_perm // cfg.bands
-        self.buckets: dict[bytes, list[int]] = {}
-        self.signatures: list[np.ndarray] = []
+        self.buckets: dict[int, int | list[int]] = {}
+        self.signatures = np.zeros((1024, cfg.num_perm), dtype=np.uint32)
+        self.size = 0
 
-    def _keys(self, sig: np.ndarray) -> list[bytes]:
+    def _keys(self, sig: np.ndarray) -> list[int]:
         r = self.rows
-        return [bytes([band]) + sig[band * r:(band + 1) * r].tobytes()
+        return [hash((band, sig[band * r:(band + 1) * r].tobytes()))
                 for band in range(self.cfg.bands)]
 
     def find(self, sig: np.ndarray) -> int | None:
         """Index of a kept document this signature duplicates, else None."""
         seen: set[int] = set()
         for key in self._keys(sig):
-            for other in self.buckets.get(key, ()):
+            docs = self.buckets.get(key)
+            for other in (docs,) if isinstance(docs, int) else docs or ():
                 if other in seen:
                     continue
                 seen.add(other)
@@ -104,16 +109,24 @@ class NearDuplicateIndex:
         return None
 
     def add(self, sig: np.ndarray) -> int:
-        doc = len(self.signatures)
-        self.signatures.append(sig)
+        doc = self.size
+        if doc == len(self.signatures):
+            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+        self.signatures[doc] = sig
+        self.size += 1
         for key in self._keys(sig):
-            self.buckets.setdefault(key, []).append(doc)
+            docs = self.buckets.get(key)
+            if docs is None:
+                self.buckets[key] = doc
+            elif isinstance(docs, int):
+                self.buckets[key] = [docs, doc]
+            else:
+                docs.append(doc)
         return doc
 
     def state(self) -> np.ndarray:
         """All kept signatures, (n, num_perm): enough to rebuild the index on resume."""
-        return np.stack(self.signatures) if self.signatures else \
-            np.zeros((0, self.cfg.num_perm), np.uint32)
+        return self.signatures[:self.size]
 
     @classmethod
     def from_state(cls, cfg: DedupConfig, signatures: np.ndarray) -> NearDuplicateIndex:

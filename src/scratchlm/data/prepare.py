@@ -32,7 +32,7 @@ from scratchlm.data.dedup import (
     permutations,
 )
 from scratchlm.data.readers import iter_documents
-from scratchlm.data.shards import token_dtype, write_shard
+from scratchlm.data.shards import ShardFile, token_dtype
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
 from scratchlm.utils import atomic_path, atomic_write_text
@@ -124,38 +124,57 @@ class Counts:
 
 
 class ShardWriter:
-    """Collects one split's tokens and writes a shard whenever `shard_tokens` are ready."""
+    """Streams one split's tokens into shard files of `shard_tokens` tokens each."""
 
     def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int) -> None:
         self.out, self.split, self.size, self.vocab = out, split, shard_tokens, vocab_size
-        self.pending: list[np.ndarray] = []
-        self.pending_len = 0
         self.shards: list[dict] = []
+        self.current: ShardFile | None = None
+
+    def _name(self) -> str:
+        return f"{self.split}_{len(self.shards):06d}.bin"
 
     def add(self, tokens: np.ndarray) -> bool:
-        """Queue a document's tokens; True if a shard was written."""
-        self.pending.append(tokens)
-        self.pending_len += len(tokens)
+        """Append a document's tokens; True if a shard was completed."""
         wrote = False
-        while self.pending_len >= self.size:  # a long document may fill several shards
-            self.flush(self.size)
-            wrote = True
+        while len(tokens):  # a long document may fill several shards
+            if self.current is None:
+                self.current = ShardFile(self.out / self._name(), self.vocab)
+            take = min(len(tokens), self.size - self.current.count)
+            self.current.write(tokens[:take])
+            tokens = tokens[take:]
+            if self.current.count == self.size:
+                self._finish()
+                wrote = True
         return wrote
 
-    def flush(self, limit: int | None = None) -> None:
-        if not self.pending_len:
-            return
-        tokens = np.concatenate(self.pending)
-        take = tokens[:limit] if limit else tokens
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        write_shard(self.out / name, take, self.vocab)
-        self.shards.append({"file": name, "split": self.split, "tokens": int(len(take))})
-        rest = tokens[len(take):]
-        self.pending = [rest] if len(rest) else []
-        self.pending_len = len(rest)
+    def _finish(self) -> None:
+        finish_shard(self.current)
+        self.shards.append({"file": self._name(), "split": self.split,
+                            "tokens": self.current.count})
+        self.current = None
 
-    def unflushed(self) -> np.ndarray:
-        return np.concatenate(self.pending) if self.pending else np.zeros(0, np.uint32)
+    def close(self) -> None:
+        if self.current is not None and self.current.count:
+            self._finish()
+        elif self.current is not None:
+            self.current.discard()
+            self.current = None
+
+    def state(self) -> dict:
+        if self.current is not None:
+            self.current.sync()
+        return {"shards": self.shards, "partial": self.current.count if self.current else 0}
+
+    def restore(self, state: dict) -> None:
+        self.shards = state["shards"]
+        if state["partial"]:
+            self.current = ShardFile(self.out / self._name(), self.vocab, keep=state["partial"])
+
+
+def finish_shard(shard: ShardFile) -> None:
+    """Complete a shard (a function of its own so that tests can interrupt a run here)."""
+    shard.finish()
 
 
 def _fingerprint(tokenizer_dir: Path) -> str:
@@ -168,15 +187,14 @@ def _run_key(inputs: list[str], tokenizer_fp: str, cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _save_state(out: Path, key: str, docs_done: int, counts: Counts, seen: set[bytes],
+def _save_state(out: Path, key: str, docs_done: int, counts: Counts, seen: set[int],
                 index: NearDuplicateIndex | None, writers: dict[str, ShardWriter]) -> None:
     meta = {"key": key, "docs_done": docs_done, "counts": asdict(counts),
-            "shards": {s: w.shards for s, w in writers.items()}}
+            "writers": {s: w.state() for s, w in writers.items()}}
     with atomic_path(out / STATE) as tmp, open(tmp, "wb") as f:
         np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                 seen=np.frombuffer(b"".join(sorted(seen)), dtype=np.uint8),
-                 signatures=index.state() if index else np.zeros((0, 0), np.uint32),
-                 **{f"pending_{s}": w.unflushed() for s, w in writers.items()})
+                 seen=np.fromiter(seen, dtype=np.uint64, count=len(seen)),
+                 signatures=index.state() if index else np.zeros((0, 0), np.uint32))
 
 
 def _load_state(out: Path, key: str) -> dict | None:
@@ -188,10 +206,8 @@ def _load_state(out: Path, key: str) -> dict | None:
         if meta["key"] != key:
             raise ScratchError(f"{out} holds an unfinished run with other inputs, tokenizer or "
                                "settings; use another --out or delete that directory")
-        seen = z["seen"].tobytes()
-        meta["seen"] = {seen[i:i + 16] for i in range(0, len(seen), 16)}
+        meta["seen"] = set(z["seen"].tolist())
         meta["signatures"] = z["signatures"]
-        meta["pending"] = {s: z[f"pending_{s}"] for s in ("train", "val")}
     return meta
 
 
@@ -248,7 +264,7 @@ def prepare(
     state = _load_state(out, key)
 
     counts = Counts(**state["counts"]) if state else Counts()
-    seen: set[bytes] = state["seen"] if state else set()
+    seen: set[int] = state["seen"] if state else set()  # 64 bits of each exact key
     index = None
     if cfg.dedup.near:
         index = NearDuplicateIndex.from_state(cfg.dedup, state["signatures"]) if state \
@@ -258,9 +274,7 @@ def prepare(
     if state:
         docs_done = state["docs_done"]
         for s, w in writers.items():
-            w.shards = state["shards"][s]
-            if len(state["pending"][s]):
-                w.add(state["pending"][s])
+            w.restore(state["writers"][s])
         print(f"[data] resuming after {docs_done:,} documents "
               f"({sum(len(w.shards) for w in writers.values())} shards already written)")
 
@@ -287,10 +301,11 @@ def prepare(
                 counts.remove(failure, n_in)
                 continue
             if cfg.dedup.exact:
-                if ekey in seen:
+                short = int.from_bytes(ekey[:8], "little")
+                if short in seen:
                     counts.remove("exact_duplicate", n_in)
                     continue
-                seen.add(ekey)
+                seen.add(short)
             if index is not None:
                 if index.find(sig) is not None:
                     counts.remove("near_duplicate", n_in)
@@ -308,11 +323,13 @@ def prepare(
         bar.set_postfix(MB=f"{counts.bytes_in / 1e6:.1f}", kept=counts.documents_kept)
     bar.close()
     if counts.documents_kept == 0:
+        for w in writers.values():
+            w.close()  # nothing was written: only empty partial files to remove
         (out / STATE).unlink(missing_ok=True)
         raise ScratchError("no text left after cleaning, filtering and dedup; check the inputs "
                            "or loosen data.filters (e.g. --data.filters.min_words=5)")
     for w in writers.values():
-        w.flush()
+        w.close()
     manifest = {
         "format": "scratchlm-shards", "version": 1,
         "documents_in": counts.documents_in, "documents_kept": counts.documents_kept,

@@ -27,17 +27,62 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+def _header(count: int, vocab_size: int) -> bytes:
+    itemsize = token_dtype(vocab_size).itemsize
+    return HEADER.pack(MAGIC, VERSION, itemsize, count, vocab_size).ljust(HEADER_BYTES, b"\0")
+
+
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
-    dtype = token_dtype(vocab_size)
+    """Write a whole shard at once (atomically)."""
     tokens = np.asarray(tokens)
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise ValueError(f"token id {int(tokens.max())} >= vocab size {vocab_size}")
-    header = HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size, vocab_size)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(header.ljust(HEADER_BYTES, b"\0"))
-        f.write(tokens.astype(dtype, copy=False).tobytes())
+        f.write(_header(tokens.size, vocab_size))
+        f.write(tokens.astype(token_dtype(vocab_size), copy=False).tobytes())
         f.flush()
         os.fsync(f.fileno())
+
+
+class ShardFile:
+    """A shard written token by token: the tokens go to `.NAME.partial` behind a blank header;
+    `finish()` writes the header and renames the file into place. Memory stays flat however
+    large the shard."""
+
+    def __init__(self, path: Path, vocab_size: int, keep: int = 0) -> None:
+        """Start `path`'s partial file, or (keep > 0) reopen one and keep its first `keep`
+        tokens, dropping whatever was written after them."""
+        self.path, self.vocab_size = path, vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.partial = path.with_name(f".{path.name}.partial")
+        if keep:
+            self.file = open(self.partial, "r+b")
+            self.file.truncate(HEADER_BYTES + keep * self.dtype.itemsize)
+            self.file.seek(0, os.SEEK_END)
+        else:
+            self.file = open(self.partial, "w+b")
+            self.file.write(b"\0" * HEADER_BYTES)
+        self.count = keep
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.file.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+        self.count += len(tokens)
+
+    def sync(self) -> None:
+        """Make the tokens written so far durable (before a resumable state points at them)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def finish(self) -> None:
+        self.file.seek(0)
+        self.file.write(_header(self.count, self.vocab_size))
+        self.sync()
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
 
 
 def read_header(path: str | os.PathLike) -> tuple[int, int, int]:
