@@ -236,3 +236,13 @@ def test_list_checkpoints_ignores_incomplete(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / ".step-000010.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000005").mkdir()
     assert ckpt.list_checkpoints(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(prepared, tmp_path: Path) -> None:
+    """`train.compile` (inductor, which builds C++ kernels on the CPU) gives eager's losses."""
+    losses = {}
+    for flag in ("false", "true"):
+        trainer = make_trainer(prepared, tmp_path / flag, f"--train.compile={flag}")
+        losses[flag] = [trainer.train_step()["loss"] for _ in range(3)]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
