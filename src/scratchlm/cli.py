@@ -146,10 +146,18 @@ def resolve_recipe(name: str | None) -> Path | None:
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from scratchlm.config import Config, load_config
+    from scratchlm.parallel import is_main, teardown
     from scratchlm.train.pretrain import run_pretraining
 
     cfg = load_config(Config, resolve_recipe(args.config), overrides)
-    summary = run_pretraining(cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
+    try:
+        summary = run_pretraining(cfg, Path(args.out), resume=args.resume,
+                                  progress=not args.quiet)
+    finally:
+        main_rank = is_main()
+        teardown()
+    if not main_rank:
+        return 0
     val = summary["val"]
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
           f"{summary['seconds']:.0f} s; val loss {val['loss']:.3f}, bits/byte {val['bpb']:.3f}; "

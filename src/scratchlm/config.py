@@ -103,6 +103,14 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    dp: int = 1
+    """Data-parallel processes (DDP); must equal the number torchrun launches."""
+    zero: int = 0
+    """ZeRO stage for data parallelism: 0 = plain DDP (stages 1-3 are not available yet)."""
+
+
+@dataclass
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Tokenizer training."""
@@ -112,6 +120,8 @@ class Config:
     """Model shape (see scratchlm.model.config.PRESETS); vocab_size comes from the tokenizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Pretraining."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How a run is spread over processes launched by torchrun."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from scratchlm.data.loader import read_manifest
 from scratchlm.data.prepare import MANIFEST, _fingerprint, prepare
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT
+from scratchlm.parallel import barrier, init_distributed, print0
 from scratchlm.tokenizer import BPETokenizer
 from scratchlm.utils import atomic_write_text
 
@@ -46,7 +47,7 @@ def ensure_tokenizer(cfg: Config, out: Path, progress: bool = True) -> Path:
     wanted = json.dumps({"tokenizer": to_dict(cfg.tokenizer), "inputs": cfg.data.inputs},
                         sort_keys=True)
     if stamp.is_file() and stamp.read_text() == wanted:
-        print(f"[tokenizer] reusing {tok_dir}")
+        print0(f"[tokenizer] reusing {tok_dir}")
         return tok_dir
     print(f"[tokenizer] training a {cfg.tokenizer.vocab_size:,}-token byte-level BPE")
     tok = BPETokenizer.train(input_texts(cfg), cfg.tokenizer.vocab_size, cfg.tokenizer.pattern,
@@ -65,7 +66,7 @@ def ensure_data(cfg: Config, out: Path, tok_dir: Path, progress: bool = True) ->
         manifest = read_manifest(data_dir)
         if manifest["tokenizer"]["fingerprint"] == _fingerprint(tok_dir) and \
                 manifest["config"] == dataclasses.asdict(cfg.data):
-            print(f"[data] reusing {data_dir}")
+            print0(f"[data] reusing {data_dir}")
             return data_dir
         raise ScratchError(f"{data_dir} was prepared with another tokenizer or data config; "
                            "delete it (or use another run directory) to prepare again")
@@ -95,23 +96,35 @@ def build_model(cfg: Config, tokenizer: BPETokenizer) -> tuple[GPT, Config]:
 def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                     prepared: tuple[Path, Path] | None = None) -> dict:
     """The whole run; `prepared` = (tokenizer dir, shard dir) when the caller built them."""
-    from scratchlm.train.trainer import Trainer
+    from scratchlm.train.trainer import Trainer, resolve_device
 
+    if cfg.parallel.zero != 0:
+        raise ScratchError(f"parallel.zero={cfg.parallel.zero} is not available yet; use "
+                           "--parallel.zero=0 (plain DDP)")
+    dist = init_distributed(resolve_device(cfg.train.device), cfg.parallel.dp)
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ScratchError(f"{out} already has checkpoints; pass --resume to continue that "
                            "run, or choose another --out")
     if prepared is None:
-        tok_dir = ensure_tokenizer(cfg, out, progress)
-        prepared = tok_dir, ensure_data(cfg, out, tok_dir, progress)
+        # Rank 0 builds the tokenizer and shards; the others wait, then find them built.
+        if dist.is_main:
+            tok_dir = ensure_tokenizer(cfg, out, progress)
+            prepared = tok_dir, ensure_data(cfg, out, tok_dir, progress)
+        barrier()
+        if not dist.is_main:
+            tok_dir = ensure_tokenizer(cfg, out, progress=False)
+            prepared = tok_dir, ensure_data(cfg, out, tok_dir, progress=False)
     tok_dir, data_dir = prepared
     tokenizer = BPETokenizer.load(tok_dir)
     model, cfg = build_model(cfg, tokenizer)
-    save_config(cfg, out / "config.yaml")
-    print(model.summary())
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+    print0(model.summary())
     trainer = Trainer(cfg, model, tokenizer, data_dir, out, _fingerprint(tok_dir), resume,
-                      progress)
-    print(f"[train] {trainer.precision} on {trainer.device}, {trainer.tokens_per_step:,} tokens "
-          f"per step ({trainer.accumulation} micro-batch(es) of {cfg.train.micro_batch} x "
-          f"{cfg.model.block_size}), {cfg.train.max_steps} steps")
+                      progress, dist)
+    print0(f"[train] {trainer.precision} on {trainer.device} x {dist.world_size} process(es), "
+           f"{trainer.tokens_per_step:,} tokens per step ({trainer.accumulation} micro-batch(es) "
+           f"of {cfg.train.micro_batch} x {cfg.model.block_size} per process), "
+           f"{cfg.train.max_steps} steps")
     return trainer.run()

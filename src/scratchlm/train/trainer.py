@@ -25,6 +25,7 @@ from scratchlm.errors import ScratchError
 from scratchlm.eval.perplexity import evaluate_batches, token_byte_lengths
 from scratchlm.model.checkpoint import save_model
 from scratchlm.model.gpt import GPT
+from scratchlm.parallel import DistInfo, barrier, mean_over_ranks, print0
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.metrics import MetricsLogger, memory_gb, peak_flops, plot_losses
 from scratchlm.train.optim import build_optimizer
@@ -52,36 +53,47 @@ def resolve_precision(name: str, device: str) -> str:
 
 class Trainer:
     def __init__(self, cfg: Config, model: GPT, tokenizer, data_dir: Path, out: Path,
-                 fingerprint: str, resume: bool = False, progress: bool = True) -> None:
+                 fingerprint: str, resume: bool = False, progress: bool = True,
+                 dist: DistInfo | None = None) -> None:
         t = cfg.train
         self.cfg, self.tokenizer, self.data_dir, self.out = cfg, tokenizer, data_dir, out
-        self.progress = progress
+        self.dist = dist or DistInfo()
+        self.main = self.dist.is_main
+        self.progress = progress and self.main
         self.device = resolve_device(t.device)
+        if self.device == "cuda" and self.dist.world_size > 1:
+            self.device = f"cuda:{self.dist.local_rank}"
         self.precision = resolve_precision(t.precision, self.device)
         self.model = model.to(self.device)
         self.model.checkpointing = t.activation_checkpointing
-        block = model.config.block_size
-        per_micro = t.micro_batch * block
+        block, world = model.config.block_size, self.dist.world_size
+        per_micro = t.micro_batch * block * world  # one micro-batch on every process
         target = t.global_batch_tokens or per_micro
         if target % per_micro:
             raise ScratchError(
                 f"train.global_batch_tokens ({target}) must be a multiple of micro_batch x "
-                f"block_size ({t.micro_batch} x {block} = {per_micro})")
+                f"block_size x processes ({t.micro_batch} x {block} x {world} = {per_micro})")
         self.accumulation = target // per_micro
         self.tokens_per_step = target
         self.loader = TokenLoader(data_dir, "train", block, t.micro_batch, seed=t.seed,
+                                  rank=self.dist.rank, world_size=world,
                                   tokenizer_fingerprint=fingerprint)
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0],
                                            enabled=self.precision == "fp16")
         self.forward = torch.compile(model) if t.compile else model
+        if world > 1:
+            from scratchlm.parallel.ddp import apply_ddp
+
+            self.forward = apply_ddp(self.forward, self.device)
         self.byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
         self.flops_per_step = model.flops_per_token(block) * self.tokens_per_step
-        self.peak = peak_flops(self.device, DTYPES[self.precision])
+        # MFU counts every process's device: the peak of one, measured, times their number.
+        self.peak = peak_flops(self.device, DTYPES[self.precision]) * world
         self.step, self.tokens_seen = 0, 0
         self.best_val, self.best_step = math.inf, -1
         self.bad_in_row, self.skipped = 0, 0
-        self.logger = MetricsLogger(out, resume)
+        self.logger = MetricsLogger(out, resume) if self.main else None
         if resume:
             self._resume()
 
@@ -96,14 +108,20 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics."""
         t = self.cfg.train
         total = torch.zeros((), device=self.device)
-        for _ in range(self.accumulation):
+        for micro in range(self.accumulation):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                _, loss = self.forward(x, y)
-            loss = loss / self.accumulation
-            self.scaler.scale(loss).backward()
+            # Data parallel: gradients are averaged over processes once, on the last micro-step.
+            last = micro == self.accumulation - 1
+            sync = self.forward.no_sync() if hasattr(self.forward, "no_sync") and not last \
+                else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    _, loss = self.forward(x, y)
+                loss = loss / self.accumulation
+                self.scaler.scale(loss).backward()
             total += loss.detach()
+        total = mean_over_ranks(total)  # the loss of the whole global batch, on every rank
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    t.grad_clip if t.grad_clip > 0 else math.inf)
@@ -155,11 +173,13 @@ class Trainer:
                 "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
                 "config": asdict(self.cfg)}
 
-    def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.cfg,
-                                    self.optimizer, self._state())
-        ckpt.prune(self.out, self.cfg.train.keep_last, {self.best_step})
-        return path
+    def save(self) -> None:
+        """Rank 0 writes (every rank holds the same weights and optimizer state under DDP)."""
+        if self.main:
+            ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.cfg,
+                                 self.optimizer, self._state())
+            ckpt.prune(self.out, self.cfg.train.keep_last, {self.best_step})
+        barrier()
 
     def _resume(self) -> None:
         """Continue from the newest checkpoint that loads; a damaged one, or one of another
@@ -169,22 +189,23 @@ class Trainer:
                 state = ckpt.load_checkpoint(path, self.model, self.optimizer)
                 self.loader.load_state_dict(state["loader"])
             except ScratchError as e:
-                print(f"[train] cannot resume from {path.name}: {e}; trying an older one")
+                print0(f"[train] cannot resume from {path.name}: {e}; trying an older one")
                 continue
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.best_val, self.best_step = state["best_val"], state["best_step"]
             self.skipped = state["skipped"]
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            self.logger.truncate(self.step)
-            print(f"[train] resumed from {path} (step {self.step})")
+            if self.logger:
+                self.logger.truncate(self.step)
+            print0(f"[train] resumed from {path} (step {self.step})")
             return
-        print(f"[train] no checkpoint to resume in {self.out / 'checkpoints'}; starting at 0")
+        print0(f"[train] no checkpoint to resume in {self.out / 'checkpoints'}; starting at 0")
 
     def run(self) -> dict:
         t = self.cfg.train
         if self.step >= t.max_steps:
-            print(f"[train] already at step {self.step} of {t.max_steps}")
+            print0(f"[train] already at step {self.step} of {t.max_steps}")
         self.model.train()
         start = time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="pretraining", unit="step",
@@ -217,11 +238,12 @@ class Trainer:
                            val_bpb=last_val["bpb"])
                 if last_val["loss"] < self.best_val:
                     self.best_val, self.best_step = last_val["loss"], self.step
-                sample = self.sample()
+                sample = self.sample() if self.main else ""
                 if sample and self.progress:
                     tqdm.write(f"[step {self.step}] val loss {last_val['loss']:.3f}, "
                                f"bpb {last_val['bpb']:.3f} | {sample[:200]!r}")
-            self.logger.log(row)
+            if self.logger:
+                self.logger.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}",
                             tok_s=f"{row['tokens_per_s']:,.0f}", mfu=f"{row['mfu']:.1%}")
@@ -231,13 +253,16 @@ class Trainer:
                     and not self.bad_in_row:
                 self.save()
             if out_of_time:
-                print(f"[train] time budget of {t.time_budget_s:.0f} s reached at step "
+                print0(f"[train] time budget of {t.time_budget_s:.0f} s reached at step "
                       f"{self.step}")
                 break
         bar.close()
         return self.finish(last_val, time.perf_counter() - start)
 
     def finish(self, last_val: dict, seconds: float) -> dict:
+        if not self.main:
+            barrier()
+            return {"steps": self.step, "val": last_val}
         final = self.out / "final"
         save_model(self.model, final, self.tokenizer)
         save_config(self.cfg, final / "run.yaml")
@@ -258,4 +283,5 @@ class Trainer:
             "parameters": self.model.num_params(),
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        barrier()
         return summary
