@@ -31,12 +31,17 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(model: GPT, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write the model (and tokenizer, if given) into `directory`, each file atomically."""
+def save_model(model: GPT, directory: str | os.PathLike, tokenizer=None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model (and tokenizer, if given) into `directory`, each file atomically.
+    `state` replaces the model's own tensors (a state dict gathered from sharded ranks)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if state is not None and model.config.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     with atomic_path(directory / "model.safetensors") as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model_tensors(model).items()}
+        source = model_tensors(model) if state is None else state
+        tensors = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(directory / "config.json", json.dumps(
         {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict()}, indent=2))

@@ -9,6 +9,11 @@ DIR/checkpoints/step-NNNNNN/
 
 A checkpoint is written into a temporary directory that is renamed into place when complete,
 so a run killed mid-write leaves the previous checkpoints untouched. Nothing is unpickled.
+
+Model and optimizer state are gathered whole, keyed by parameter name, through
+torch.distributed.checkpoint's state-dict API (a plain model gives the same): so a checkpoint
+is the same whatever the layout that wrote it (one process, DDP, FSDP over N ranks), and
+loads under any other (gather-to-rank-0; rank 0 writes).
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from scratchlm.config import save_config
 from scratchlm.errors import ScratchError
@@ -43,25 +55,35 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE).is_file())
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {f"{idx}.{k}": v.detach().contiguous().cpu()
-               for idx, state in sd["state"].items() for k, v in state.items()
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(model: GPT, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Whole model and optimizer state dicts, keyed by parameter name, on rank 0 (an empty
+    dict elsewhere). A collective under FSDP: every rank must call it."""
+    return get_model_state_dict(model, options=_FULL), \
+        get_optimizer_state_dict(model, opt, options=_FULL)
+
+
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"{name}::{k}": v.detach().contiguous().cpu()
+               for name, state in sd["state"].items() for k, v in state.items()
                if isinstance(v, torch.Tensor)}
     meta = {"param_groups": sd["param_groups"],
-            "scalars": {str(idx): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
-                        for idx, s in sd["state"].items()}}
+            "scalars": {name: {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
+                        for name, s in sd["state"].items()}}
     return tensors, meta
 
 
-def save_checkpoint(out: Path, step: int, model: GPT, tokenizer, run_cfg, opt, state: dict
-                    ) -> Path:
+def save_checkpoint(out: Path, step: int, model: GPT, model_state: dict, opt_state: dict,
+                    tokenizer, run_cfg, state: dict) -> Path:
+    """Write on rank 0, from the gathered state dicts (see `gather_state`)."""
     final = step_dir(out, step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer)
+    save_model(model, tmp, tokenizer, state=model_state)
     save_config(run_cfg, tmp / "run.yaml")
-    tensors, meta = _optimizer_tensors(opt)
+    tensors, meta = _optimizer_tensors(opt_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_text(tmp / "optimizer.json", json.dumps(meta))
     rng = {"cpu": torch.get_rng_state()}
@@ -94,16 +116,17 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
     from scratchlm.model.checkpoint import check_state
 
     check_state(model, model_state, str(path / "model.safetensors"))
-    model.load_state_dict(model_state, strict=not model.config.tie_embeddings)
-    opt_state: dict = {"param_groups": opt_meta["param_groups"], "state": {}}
-    for idx, scalars in opt_meta["scalars"].items():
-        opt_state["state"][int(idx)] = dict(scalars)
+    if model.config.tie_embeddings:  # stored once; the state-dict API wants both names
+        model_state["lm_head.weight"] = model_state["tok_emb.weight"]
+    opt_state: dict = {"param_groups": opt_meta["param_groups"],
+                       "state": {name: dict(s) for name, s in opt_meta["scalars"].items()}}
     for key, tensor in opt_tensors.items():
-        idx, name = key.split(".", 1)
-        opt_state["state"].setdefault(int(idx), {})[name] = tensor
+        name, field = key.split("::", 1)
+        opt_state["state"].setdefault(name, {})[field] = tensor
     try:
-        opt.load_state_dict(opt_state)
-    except (ValueError, KeyError) as e:
+        set_model_state_dict(model, model_state, options=_FULL)
+        set_optimizer_state_dict(model, opt, opt_state, options=_FULL)
+    except (ValueError, KeyError, RuntimeError) as e:
         raise ScratchError(f"{path}: optimizer state does not fit this model ({e})") from None
     torch.set_rng_state(rng["cpu"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]

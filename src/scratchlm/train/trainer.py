@@ -174,10 +174,11 @@ class Trainer:
                 "config": asdict(self.cfg)}
 
     def save(self) -> None:
-        """Rank 0 writes (every rank holds the same weights and optimizer state under DDP)."""
+        """Every rank helps gather the whole state (sharded under FSDP); rank 0 writes."""
+        model_state, opt_state = ckpt.gather_state(self.model, self.optimizer)
         if self.main:
-            ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.cfg,
-                                 self.optimizer, self._state())
+            ckpt.save_checkpoint(self.out, self.step, self.model, model_state, opt_state,
+                                 self.tokenizer, self.cfg, self._state())
             ckpt.prune(self.out, self.cfg.train.keep_last, {self.best_step})
         barrier()
 
