@@ -107,7 +107,8 @@ class ParallelConfig:
     dp: int = 1
     """Data-parallel processes (DDP); must equal the number torchrun launches."""
     zero: int = 0
-    """ZeRO stage for data parallelism: 0 = plain DDP (stages 1-3 are not available yet)."""
+    """ZeRO stage: 0 = DDP (replicas), 2 = gradients and optimizer state sharded, 3 = and
+    parameters (both through FSDP2); stage 1 is not available yet."""
 
 
 @dataclass

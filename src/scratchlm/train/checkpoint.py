@@ -58,11 +58,15 @@ def list_checkpoints(out: Path) -> list[Path]:
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def gather_model_state(model: GPT) -> dict:
+    """The whole model state dict on rank 0 (an empty dict elsewhere). A collective under
+    FSDP: every rank must call it."""
+    return get_model_state_dict(model, options=_FULL)
+
+
 def gather_state(model: GPT, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Whole model and optimizer state dicts, keyed by parameter name, on rank 0 (an empty
-    dict elsewhere). A collective under FSDP: every rank must call it."""
-    return get_model_state_dict(model, options=_FULL), \
-        get_optimizer_state_dict(model, opt, options=_FULL)
+    """Whole model and optimizer state dicts, keyed by parameter name, as above."""
+    return gather_model_state(model), get_optimizer_state_dict(model, opt, options=_FULL)
 
 
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -98,9 +98,9 @@ def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool
     """The whole run; `prepared` = (tokenizer dir, shard dir) when the caller built them."""
     from scratchlm.train.trainer import Trainer, resolve_device
 
-    if cfg.parallel.zero != 0:
-        raise ScratchError(f"parallel.zero={cfg.parallel.zero} is not available yet; use "
-                           "--parallel.zero=0 (plain DDP)")
+    if cfg.parallel.zero not in (0, 2, 3):
+        raise ScratchError(f"parallel.zero={cfg.parallel.zero} is not available yet; use 0 "
+                           "(DDP), 2 or 3 (FSDP)")
     dist = init_distributed(resolve_device(cfg.train.device), cfg.parallel.dp)
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):

@@ -64,6 +64,7 @@ class Trainer:
         if self.device == "cuda" and self.dist.world_size > 1:
             self.device = f"cuda:{self.dist.local_rank}"
         self.precision = resolve_precision(t.precision, self.device)
+        self.zero = cfg.parallel.zero if self.dist.world_size > 1 else 0
         self.model = model.to(self.device)
         self.model.checkpointing = t.activation_checkpointing
         block, world = model.config.block_size, self.dist.world_size
@@ -78,11 +79,16 @@ class Trainer:
         self.loader = TokenLoader(data_dir, "train", block, t.micro_batch, seed=t.seed,
                                   rank=self.dist.rank, world_size=world,
                                   tokenizer_fingerprint=fingerprint)
+        if self.zero >= 2:  # shard before the optimizer sees the parameters
+            from scratchlm.parallel.fsdp import apply_fsdp
+
+            apply_fsdp(model, self.device, world, self.zero,
+                       DTYPES[self.precision] if self.precision != "fp32" else None)
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0],
                                            enabled=self.precision == "fp16")
         self.forward = torch.compile(model) if t.compile else model
-        if world > 1:
+        if world > 1 and self.zero == 0:
             from scratchlm.parallel.ddp import apply_ddp
 
             self.forward = apply_ddp(self.forward, self.device)
@@ -113,6 +119,8 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # Data parallel: gradients are averaged over processes once, on the last micro-step.
             last = micro == self.accumulation - 1
+            if self.zero >= 2:
+                self.model.set_requires_gradient_sync(last)
             sync = self.forward.no_sync() if hasattr(self.forward, "no_sync") and not last \
                 else contextlib.nullcontext()
             with sync:
@@ -128,6 +136,8 @@ class Trainer:
         lr = lr_at(self.step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = total.item(), grad_norm.item()
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite or self.precision == "fp16":
@@ -239,7 +249,8 @@ class Trainer:
                            val_bpb=last_val["bpb"])
                 if last_val["loss"] < self.best_val:
                     self.best_val, self.best_step = last_val["loss"], self.step
-                sample = self.sample() if self.main else ""
+                # Under FSDP every rank must run the forward passes (they gather the weights).
+                sample = self.sample() if self.main or self.zero >= 2 else ""
                 if sample and self.progress:
                     tqdm.write(f"[step {self.step}] val loss {last_val['loss']:.3f}, "
                                f"bpb {last_val['bpb']:.3f} | {sample[:200]!r}")
@@ -261,11 +272,12 @@ class Trainer:
         return self.finish(last_val, time.perf_counter() - start)
 
     def finish(self, last_val: dict, seconds: float) -> dict:
+        model_state = ckpt.gather_model_state(self.model)
         if not self.main:
             barrier()
             return {"steps": self.step, "val": last_val}
         final = self.out / "final"
-        save_model(self.model, final, self.tokenizer)
+        save_model(self.model, final, self.tokenizer, state=model_state)
         save_config(self.cfg, final / "run.yaml")
         rows = self.logger.rows()
         self.logger.close()
