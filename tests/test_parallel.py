@@ -103,3 +103,25 @@ def test_layout_must_fit_the_processes(prepared, tmp_path: Path) -> None:
     cfg.parallel.dp, cfg.parallel.zero = 1, 1
     with pytest.raises(ScratchError, match="not available yet"):
         run_pretraining(cfg, tmp_path, progress=False)
+
+
+@pytest.mark.distributed
+def test_two_nodes_on_loopback_equal_one_process(prepared, single: Path, tmp_path: Path) -> None:
+    """Two torchrun launches, one per "node" (rendezvous on 127.0.0.1), train as one job."""
+    import socket
+
+    exe = Path(sys.executable).parent / "torchrun"
+    if not exe.is_file():
+        pytest.skip("torchrun not installed beside this Python")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [str(exe), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=scratchlm-test",
+         "-m", "scratchlm", *common(prepared, 12), "--out", str(tmp_path), "--parallel.dp=2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    assert_same_run(single, tmp_path)
