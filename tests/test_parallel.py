@@ -125,3 +125,57 @@ def test_two_nodes_on_loopback_equal_one_process(prepared, single: Path, tmp_pat
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     assert_same_run(single, tmp_path)
+
+
+MEMORY_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from scratchlm.model import GPT, ModelConfig
+from scratchlm.parallel.ddp import apply_ddp
+from scratchlm.parallel.fsdp import apply_fsdp
+from scratchlm.train.optim import build_optimizer
+dist.init_process_group("gloo")
+zero, out = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+model = GPT(ModelConfig.from_preset("llama-tiny", n_layer=4, n_embd=128, vocab_size=1024))
+forward = apply_fsdp(model, "cpu", 2, zero) if zero else apply_ddp(model, "cpu")
+opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+x = torch.randint(0, 1024, (2, 32))
+forward(x, x)[1].backward()
+opt.step()
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+nbytes = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)
+params = list(model.parameters())
+row = {"params": nbytes(params), "grads": nbytes(p.grad for p in params),
+       "optimizer": nbytes(v for s in opt.state.values() for v in s.values() if v.dim() > 0)}
+json.dump(row, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_per_rank_state_matches_the_memory_estimator(tmp_path: Path, zero: int) -> None:
+    """What a rank holds after a step: weights, gradients and AdamW state are whole under DDP
+    and about half each on 2 ranks under ZeRO-2/3 at rest, as `scratchlm memory` predicts
+    (ZeRO-2 gathers whole weights only while a step runs, which is what its peak counts)."""
+    from scratchlm.memory import estimate_memory
+    from scratchlm.model import ModelConfig
+
+    exe = Path(sys.executable).parent / "torchrun"
+    if not exe.is_file():
+        pytest.skip("torchrun not installed beside this Python")
+    (tmp_path / "mem.py").write_text(MEMORY_SCRIPT)
+    done = subprocess.run([str(exe), "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "mem.py"), str(zero), str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    cfg = ModelConfig.from_preset("llama-tiny", n_layer=4, n_embd=128, vocab_size=1024)
+    est = estimate_memory(cfg, "fp32", zero=3 if zero else 0, gpus=2)
+    for row in rows:
+        for key, predicted in [("params", est.weights), ("grads", est.gradients),
+                               ("optimizer", est.optimizer)]:
+            assert abs(row[key] / predicted - 1) < 0.05, (key, row[key], predicted)
+    if zero:  # the two shards make up the whole
+        whole = estimate_memory(cfg, "fp32", zero=0, gpus=1)
+        assert abs(sum(r["params"] for r in rows) / whole.weights - 1) < 0.02
