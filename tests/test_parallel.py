@@ -32,12 +32,23 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
+# Once in about 30 runs on this 2-core machine a gloo process aborted with this C++ message
+# (no Python error): a teardown race between the two processes, not a wrong result. Such a run
+# is tried once more; any other failure fails the test.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "torchrun"
     if not exe.is_file():
         pytest.skip("torchrun not installed beside this Python")
-    done = subprocess.run([str(exe), "--standalone", "--nproc_per_node=2", "-m", "scratchlm",
-                           *args], capture_output=True, text=True)
+    for attempt in range(2):
+        done = subprocess.run([str(exe), "--standalone", "--nproc_per_node=2", "-m",
+                               "scratchlm", *args], capture_output=True, text=True)
+        if done.returncode == 0 or GLOO_ABORT not in done.stderr or attempt:
+            break
+        out = Path(args[args.index("--out") + 1])
+        shutil.rmtree(out, ignore_errors=True)  # start the run again from nothing
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

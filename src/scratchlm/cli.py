@@ -146,13 +146,14 @@ def resolve_recipe(name: str | None) -> Path | None:
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from scratchlm.config import Config, load_config
-    from scratchlm.parallel import is_main, teardown
+    from scratchlm.parallel import barrier, is_main, teardown
     from scratchlm.train.pretrain import run_pretraining
 
     cfg = load_config(Config, resolve_recipe(args.config), overrides)
     try:
         summary = run_pretraining(cfg, Path(args.out), resume=args.resume,
                                   progress=not args.quiet)
+        barrier()  # no rank leaves the group while another still talks to it
     finally:
         main_rank = is_main()
         teardown()
