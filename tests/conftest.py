@@ -45,3 +45,15 @@ def gpt2_tok(gpt2_dir: Path):
     from scratchlm.tokenizer import from_gpt2
 
     return from_gpt2(gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> tuple[Path, Path]:
+    """Tokenizer and shards of the tiny-cpu recipe (built-in corpus), built once per session."""
+    from scratchlm.config import Config, load_config
+    from scratchlm.train.pretrain import ensure_data, ensure_tokenizer
+
+    out = tmp_path_factory.mktemp("prepared")
+    cfg = load_config(Config, Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    tok_dir = ensure_tokenizer(cfg, out, progress=False)
+    return tok_dir, ensure_data(cfg, out, tok_dir, progress=False)

@@ -14,17 +14,9 @@ from safetensors.torch import load_file
 
 from scratchlm.config import Config, load_config
 from scratchlm.errors import ScratchError
-from scratchlm.train.pretrain import ensure_data, ensure_tokenizer, run_pretraining
+from scratchlm.train.pretrain import run_pretraining
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("prepared")
-    cfg = load_config(Config, ROOT / "configs" / "tiny-cpu.yaml")
-    tok_dir = ensure_tokenizer(cfg, out, progress=False)
-    return tok_dir, ensure_data(cfg, out, tok_dir, progress=False)
 
 
 def losses(run: Path) -> list[float]:

@@ -20,20 +20,11 @@ from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.optim import build_optimizer, param_groups
-from scratchlm.train.pretrain import build_model, ensure_data, ensure_tokenizer, run_pretraining
+from scratchlm.train.pretrain import build_model, run_pretraining
 from scratchlm.train.schedule import lr_at
 from scratchlm.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, Path]:
-    """Tokenizer and shards of the tiny-cpu recipe (built-in corpus), built once."""
-    out = tmp_path_factory.mktemp("prepared")
-    cfg = load_config(Config, ROOT / "configs" / "tiny-cpu.yaml")
-    tok_dir = ensure_tokenizer(cfg, out, progress=False)
-    return tok_dir, ensure_data(cfg, out, tok_dir, progress=False)
 
 
 def tiny(prepared, *overrides: str) -> Config:
