@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from scratchlm.memory import PeakMemory, estimate_memory
+from scratchlm.memory import estimate_memory, training_peak_bytes
 from scratchlm.model import GPT, ModelConfig
 
 B, T = 8, 256
@@ -27,14 +27,12 @@ def main() -> None:
             model = GPT(cfg)
             model.checkpointing = checkpointing
             idx = torch.randint(0, cfg.vocab_size, (B, T))
-            tracker = PeakMemory()
-            with tracker:
-                model(idx, idx)[1].backward()
+            peak = training_peak_bytes(model, idx)
             est = estimate_memory(cfg, "fp32", micro_batch=B, seq=T,
                                   activation_checkpointing=checkpointing)
             predicted = est.activations + est.gradients
-            print(f"| {label} | {'on' if checkpointing else 'off'} | {tracker.peak / 1e6:.1f} MB "
-                  f"| {predicted / 1e6:.1f} MB | {100 * (predicted / tracker.peak - 1):+.1f}% |")
+            print(f"| {label} | {'on' if checkpointing else 'off'} | {peak / 1e6:.1f} MB "
+                  f"| {predicted / 1e6:.1f} MB | {100 * (predicted / peak - 1):+.1f}% |")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,11 @@ def test_pretrain_bad_config(tmp_path: Path, monkeypatch, capsys) -> None:
     code, _, err = run(["pretrain", "--config", "tiny-cpu", "--out", str(tmp_path),
                         "--train.precision=fp8"], monkeypatch, capsys)
     assert code == 2 and "'fp8' is not one of" in err
+
+
+def test_pretrain_help_lists_config_keys_with_their_docstrings(monkeypatch, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "--train.lr=0.0006" in out and "Peak learning rate, reached after warmup." in out
+    assert "--parallel.zero=0" in out and "--data.dedup.threshold=0.8" in out

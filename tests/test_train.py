@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from scratchlm.config import Config, load_config
-from scratchlm.data.prepare import _fingerprint
+from scratchlm.data.prepare import tokenizer_fingerprint
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
 from scratchlm.train import checkpoint as ckpt
@@ -38,7 +38,7 @@ def make_trainer(prepared, out: Path, *overrides: str, resume: bool = False) -> 
     cfg = tiny(prepared, *overrides)
     tok = BPETokenizer.load(prepared[0])
     model, cfg = build_model(cfg, tok)
-    return Trainer(cfg, model, tok, prepared[1], out, _fingerprint(prepared[0]), resume,
+    return Trainer(cfg, model, tok, prepared[1], out, tokenizer_fingerprint(prepared[0]), resume,
                    progress=False)
 
 

@@ -305,6 +305,18 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
 # the parser
 
 
+def config_keys(*sections: str) -> str:
+    """The config keys of these sections with defaults and help (the fields' docstrings), for
+    the --help of verbs that take --section.key=value overrides."""
+    from scratchlm.config import Config, describe
+
+    lines = ["config keys (override with --KEY=VALUE):"]
+    for key, default, doc in describe(Config):
+        if key.split(".")[0] in sections:
+            lines += [f"  --{key}={default}", f"      {doc}"] if doc else [f"  --{key}={default}"]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scratchlm",
@@ -365,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_verbs = data.add_subparsers(dest="action", metavar="ACTION", required=True)
     prep = data_verbs.add_parser(
         "prepare", help="raw text -> token shards + manifest.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_keys("data"),
         description="Reads txt/jsonl/parquet (optionally .gz/.zst), cleans, filters, removes "
                     "exact and near duplicates, tokenizes in worker processes and writes "
                     "shards. Any data key can be overridden, e.g. --data.filters.min_words=20 "
@@ -379,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = verbs.add_parser(
         "pretrain", help="train a model from scratch (tokenizer, data and model as configured)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_keys("tokenizer", "data", "model", "train", "parallel"),
         description="Trains a tokenizer and prepares data when the config does not point at "
                     "existing ones, then pretrains. Any config key can be overridden: "
                     "--train.max_steps=40 --model.n_layer=4 ...")
@@ -439,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser(
         "demo", help="the whole pipeline on the built-in corpus",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_keys("tokenizer", "data", "model", "train"),
         description="Runs every stage that has landed on the built-in Shakespeare corpus; any "
                     "config key can be overridden with --section.key=value.")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")

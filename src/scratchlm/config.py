@@ -146,6 +146,14 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _as_typed(value: Any) -> str:
+    """A value as one would type it after --key= (YAML: null, [a, b], 0.0006)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every leaf field, for `--help` style listings."""
     rows = []
@@ -157,7 +165,7 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], key + ".")
         else:
-            rows.append((key, repr(getattr(default, f.name)), docs.get(f.name, "")))
+            rows.append((key, _as_typed(getattr(default, f.name)), docs.get(f.name, "")))
     return rows
 
 

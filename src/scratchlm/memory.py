@@ -143,6 +143,15 @@ def estimate_memory(
     return MemoryEstimate(n, weights, grads, optim, act)
 
 
+def training_peak_bytes(model: torch.nn.Module, idx: torch.Tensor) -> int:
+    """Peak bytes allocated by one forward + backward of `model` on `idx` (inputs as targets):
+    what `estimate_memory`'s activations + gradients predict."""
+    tracker = PeakMemory()
+    with tracker:
+        model(idx, idx)[1].backward()
+    return tracker.peak
+
+
 class PeakMemory(TorchDispatchMode):
     """Measures the peak bytes of tensor storage allocated by the ops run inside it, like
     `torch.cuda.max_memory_allocated` but on any device: every op's new output storages are

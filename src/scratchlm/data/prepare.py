@@ -177,7 +177,8 @@ def finish_shard(shard: ShardFile) -> None:
     shard.finish()
 
 
-def _fingerprint(tokenizer_dir: Path) -> str:
+def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """A short hash of the tokenizer file: shards remember it, and the loader checks it."""
     return hashlib.sha256((tokenizer_dir / "bpe.json").read_bytes()).hexdigest()[:16]
 
 
@@ -260,7 +261,7 @@ def prepare(
         raise ScratchError(f"{out} already holds prepared data ({MANIFEST}); use another "
                            "--out or delete it")
     out.mkdir(parents=True, exist_ok=True)
-    key = _run_key(named or [documents_name], _fingerprint(tokenizer_dir), cfg)
+    key = _run_key(named or [documents_name], tokenizer_fingerprint(tokenizer_dir), cfg)
     state = _load_state(out, key)
 
     counts = Counts(**state["counts"]) if state else Counts()
@@ -341,7 +342,7 @@ def prepare(
                                  "near_duplicate"]},
         "shards": writers["train"].shards + writers["val"].shards,
         "tokenizer": {"vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-                      "fingerprint": _fingerprint(tokenizer_dir)},
+                      "fingerprint": tokenizer_fingerprint(tokenizer_dir)},
         "dtype": token_dtype(tok.vocab_size).name,
         "seconds": time.perf_counter() - t0,
         "config": asdict(cfg),

@@ -131,7 +131,8 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
         set_model_state_dict(model, model_state, options=_FULL)
         set_optimizer_state_dict(model, opt, opt_state, options=_FULL)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ScratchError(f"{path}: optimizer state does not fit this model ({e})") from None
+        raise ScratchError(f"{path}: saved model or optimizer state does not fit this model "
+                           f"({e})") from None
     torch.set_rng_state(rng["cpu"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():

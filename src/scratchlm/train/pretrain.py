@@ -18,7 +18,7 @@ import torch
 
 from scratchlm.config import Config, save_config, to_dict
 from scratchlm.data.loader import read_manifest
-from scratchlm.data.prepare import MANIFEST, _fingerprint, prepare
+from scratchlm.data.prepare import MANIFEST, prepare, tokenizer_fingerprint
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT
 from scratchlm.parallel import barrier, init_distributed, print0
@@ -64,7 +64,7 @@ def ensure_data(cfg: Config, out: Path, tok_dir: Path, progress: bool = True) ->
     data_dir = out / "data"
     if (data_dir / MANIFEST).is_file():
         manifest = read_manifest(data_dir)
-        if manifest["tokenizer"]["fingerprint"] == _fingerprint(tok_dir) and \
+        if manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok_dir) and \
                 manifest["config"] == dataclasses.asdict(cfg.data):
             print0(f"[data] reusing {data_dir}")
             return data_dir
@@ -121,7 +121,7 @@ def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
     print0(model.summary())
-    trainer = Trainer(cfg, model, tokenizer, data_dir, out, _fingerprint(tok_dir), resume,
+    trainer = Trainer(cfg, model, tokenizer, data_dir, out, tokenizer_fingerprint(tok_dir), resume,
                       progress, dist)
     print0(f"[train] {trainer.precision} on {trainer.device} x {dist.world_size} process(es), "
            f"{trainer.tokens_per_step:,} tokens per step ({trainer.accumulation} micro-batch(es) "
