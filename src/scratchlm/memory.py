@@ -55,13 +55,10 @@ def activation_elements(cfg: ModelConfig, seq: int) -> tuple[float, float]:
     # LayerNorm keeps its input and two statistics; our RMSNorm its input, the normalised
     # tensor and 1/rms. Either way the next linear layer keeps the norm's output.
     norm = 2 * C + 2 if cfg.norm == "layernorm" else 3 * C + 1
-    # q, k, v as attention receives them: views of the fused qkv output where nothing changed
-    # them (that whole output then stays alive), new tensors where RoPE rotated them or GQA
-    # repeated the kv heads.
-    qkv = 0
-    if not rope or not gqa:
-        qkv += (H + 2 * kv) * hd
-    qkv += H * hd * (int(rope) + int(rope or gqa) + int(gqa))
+    # q, k, v as attention receives them: views of their projections' outputs where nothing
+    # changed them, new tensors where RoPE rotated them or GQA repeated the kv heads.
+    qkv = H * hd * (int(rope) + int(rope or gqa) + int(gqa))
+    qkv += (0 if rope else H * hd) + (0 if rope or gqa else kv * hd) + (0 if gqa else kv * hd)
     if cfg.attention == "sdpa":  # output (also the projection's input) + log-sum-exp per head
         attn = H * hd + H
     else:  # the softmax matrix row of each head, and the merged heads for the projection

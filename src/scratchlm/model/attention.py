@@ -61,9 +61,11 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.manual = cfg.attention == "manual"
         self.dropout = cfg.dropout
-        # One matmul makes q, k and v: n_head query heads, then n_kv_head key and value heads.
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
-                             bias=cfg.bias)
+        # Separate q, k and v projections (not one fused matmul) so that tensor parallelism can
+        # split each by heads: a fused weight sharded by rows would hand a rank all of q.
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True  # scaled init (GPT-2): see GPT._init_weights
         self.attn_drop = nn.Dropout(cfg.dropout)
@@ -78,11 +80,11 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd,
-                                     self.n_kv_head * hd], dim=-1)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, hd)
-        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        # Head counts are read from the module, not the config: tensor parallelism lowers them
+        # to the heads of one rank.
+        q = self.q_proj(x).view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv, T, hd)
         if rope is not None:
             cos, sin = rope  # (T, hd) for the positions of these T tokens
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -41,24 +41,25 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * up(x)), gate and up in one matmul."""
+    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        width = cfg.intermediate_size * (2 if self.swiglu else 1)
-        self.fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        if self.swiglu:  # gate and up apart, so tensor parallelism can split each
+            self.gate = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+            self.up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
         self.proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)  # (B, T, width)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)  # each (B, T, intermediate_size)
-            h = F.silu(gate) * up
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, intermediate_size)
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's tanh approximation
+            h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's tanh approximation
         return self.drop(self.proj(h))
 
 

@@ -1,9 +1,9 @@
 """Weights in and out of Hugging Face `transformers`: GPT2LMHeadModel and LlamaForCausalLM.
 
 Two maps, one per family, between their tensor names and ours. GPT-2 stores its linear layers
-as Conv1D, (in, out), so those are transposed; Llama keeps q, k, v and gate, up apart, which
-are concatenated into our fused `qkv` and `fc`. Reading a directory needs only safetensors
-(or a weights-only torch file); `to_hf` needs `transformers` itself.
+as Conv1D, (in, out), so those are transposed, and fuses q, k, v into one `c_attn`, which is
+split into our three projections; Llama's tensors map one to one. Reading a directory needs
+only safetensors (or a weights-only torch file); `to_hf` needs `transformers` itself.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 # Per GPT-2 block: (our module, Hugging Face's module, stored as Conv1D (in, out)?).
 _GPT2_LAYER = [("norm1", "ln_1", False), ("norm2", "ln_2", False),
-               ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+               ("attn.proj", "attn.c_proj", True),
                ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]
 
 
@@ -143,6 +143,11 @@ def state_from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
                 w = take(h + theirs + ".weight")
                 out[o + ours + ".weight"] = w.t() if transpose else w  # Conv1D is (in, out)
                 out[o + ours + ".bias"] = take(h + theirs + ".bias")
+            # GPT-2 keeps q, k and v in one Conv1D: split it into our three projections.
+            w = take(h + "attn.c_attn.weight").t().chunk(3, dim=0)
+            b = take(h + "attn.c_attn.bias").chunk(3, dim=0)
+            for j, p in enumerate("qkv"):
+                out[f"{o}attn.{p}_proj.weight"], out[f"{o}attn.{p}_proj.bias"] = w[j], b[j]
         out["norm_f.weight"] = take("transformer.ln_f.weight")
         out["norm_f.bias"] = take("transformer.ln_f.bias")
         return {k: v.contiguous() for k, v in out.items()}
@@ -152,11 +157,11 @@ def state_from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
         out[o + "norm1.weight"] = take(h + "input_layernorm.weight")
         out[o + "norm2.weight"] = take(h + "post_attention_layernorm.weight")
         for suffix in (["weight", "bias"] if cfg.bias else ["weight"]):
-            out[f"{o}attn.qkv.{suffix}"] = torch.cat(
-                [take(f"{h}self_attn.{p}_proj.{suffix}") for p in "qkv"], dim=0)
+            for p in "qkv":
+                out[f"{o}attn.{p}_proj.{suffix}"] = take(f"{h}self_attn.{p}_proj.{suffix}")
             out[f"{o}attn.proj.{suffix}"] = take(f"{h}self_attn.o_proj.{suffix}")
-            out[f"{o}mlp.fc.{suffix}"] = torch.cat(
-                [take(f"{h}mlp.gate_proj.{suffix}"), take(f"{h}mlp.up_proj.{suffix}")], dim=0)
+            out[f"{o}mlp.gate.{suffix}"] = take(f"{h}mlp.gate_proj.{suffix}")
+            out[f"{o}mlp.up.{suffix}"] = take(f"{h}mlp.up_proj.{suffix}")
             out[f"{o}mlp.proj.{suffix}"] = take(f"{h}mlp.down_proj.{suffix}")
     out["norm_f.weight"] = take("model.norm.weight")
     if not cfg.tie_embeddings:
@@ -177,24 +182,24 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
                 w = ours[o + mine + ".weight"]
                 out[h + theirs + ".weight"] = w.t() if transpose else w
                 out[h + theirs + ".bias"] = ours[o + mine + ".bias"]
+            out[h + "attn.c_attn.weight"] = torch.cat(
+                [ours[f"{o}attn.{p}_proj.weight"] for p in "qkv"], dim=0).t()
+            out[h + "attn.c_attn.bias"] = torch.cat(
+                [ours[f"{o}attn.{p}_proj.bias"] for p in "qkv"], dim=0)
         out["transformer.ln_f.weight"] = ours["norm_f.weight"]
         out["transformer.ln_f.bias"] = ours["norm_f.bias"]
     else:
         out["model.embed_tokens.weight"] = ours["tok_emb.weight"]
-        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         for i in range(cfg.n_layer):
             h, o = f"model.layers.{i}.", f"blocks.{i}."
             out[h + "input_layernorm.weight"] = ours[o + "norm1.weight"]
             out[h + "post_attention_layernorm.weight"] = ours[o + "norm2.weight"]
             for suffix in (["weight", "bias"] if cfg.bias else ["weight"]):
-                qw, kw, vw = ours[f"{o}attn.qkv.{suffix}"].split([q, kv, kv], dim=0)
-                out[f"{h}self_attn.q_proj.{suffix}"] = qw
-                out[f"{h}self_attn.k_proj.{suffix}"] = kw
-                out[f"{h}self_attn.v_proj.{suffix}"] = vw
+                for p in "qkv":
+                    out[f"{h}self_attn.{p}_proj.{suffix}"] = ours[f"{o}attn.{p}_proj.{suffix}"]
                 out[f"{h}self_attn.o_proj.{suffix}"] = ours[f"{o}attn.proj.{suffix}"]
-                gate, up = ours[f"{o}mlp.fc.{suffix}"].chunk(2, dim=0)
-                out[f"{h}mlp.gate_proj.{suffix}"] = gate
-                out[f"{h}mlp.up_proj.{suffix}"] = up
+                out[f"{h}mlp.gate_proj.{suffix}"] = ours[f"{o}mlp.gate.{suffix}"]
+                out[f"{h}mlp.up_proj.{suffix}"] = ours[f"{o}mlp.up.{suffix}"]
                 out[f"{h}mlp.down_proj.{suffix}"] = ours[f"{o}mlp.proj.{suffix}"]
         out["model.norm.weight"] = ours["norm_f.weight"]
         if not cfg.tie_embeddings:
