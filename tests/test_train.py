@@ -96,7 +96,7 @@ def test_loss_falls_and_run_writes_its_files(prepared, tmp_path: Path) -> None:
 
 def test_trainable_parameters_change_frozen_ones_do_not(prepared, tmp_path: Path) -> None:
     trainer = make_trainer(prepared, tmp_path)
-    frozen = trainer.model.blocks[0].attn.q_proj.weight
+    frozen = trainer.model.blocks["0"].attn.q_proj.weight
     frozen.requires_grad_(False)
     trainer.optimizer = build_optimizer(trainer.model, 1e-3, 0.1, (0.9, 0.95))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

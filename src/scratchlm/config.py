@@ -105,10 +105,23 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     dp: int = 1
-    """Data-parallel processes (DDP); must equal the number torchrun launches."""
+    """Data-parallel groups: each trains on its slice of the global batch. dp x tp x pp must
+    equal the number of processes torchrun launches."""
     zero: int = 0
-    """ZeRO stage: 0 = DDP (replicas), 2 = gradients and optimizer state sharded, 3 = and
-    parameters (both through FSDP2); stage 1 is not available yet."""
+    """ZeRO stage over the data-parallel ranks: 0 = replicas (DDP), 1 = AdamW state sharded,
+    2 = and gradients, 3 = and parameters (2 and 3 through FSDP2)."""
+    tp: int = 1
+    """Tensor-parallel ranks: attention heads and the MLP split across them (Megatron-style,
+    DTensor); keep them inside one node."""
+    sequence_parallel: bool = True
+    """With tp > 1: norms, dropout and the residual stream sharded along the sequence too, so
+    their activations are 1/tp each."""
+    pp: int = 1
+    """Pipeline stages: the blocks split into pp consecutive groups, one per rank; each
+    optimizer step's micro-batches flow through them."""
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    """Pipeline schedule: 1f1b (one forward, one backward: fewer activations held) or gpipe
+    (all forwards, then all backwards)."""
 
 
 @dataclass

@@ -8,9 +8,10 @@ tokenizer. Special tokens (document separators) stand for no bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from scratchlm.model.gpt import GPT
@@ -27,21 +28,30 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      byte_lengths: torch.Tensor, device: str = "cpu",
-                     autocast: torch.autocast | None = None) -> dict[str, float]:
-    """Mean loss (nats/token), perplexity and bits per byte over (inputs, targets) batches."""
+                     autocast: torch.autocast | None = None,
+                     logits_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                     group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Mean loss (nats/token), perplexity and bits per byte over (inputs, targets) batches.
+    Pipeline stages pass `logits_of` (None except on the last stage) and their `group`, over
+    which the summed loss is shared."""
     was_training = model.training
     model.eval()
-    nats, tokens, n_bytes = 0.0, 0, 0.0
+    logits_of = logits_of or (lambda x: model(x)[0])
+    nats, tokens, n_bytes = torch.zeros((), dtype=torch.float64), 0, 0.0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast or torch.autocast(device_type="cpu", enabled=False):
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
-                               reduction="sum")
-        nats += loss.item()
+            logits = logits_of(x)
+        if logits is not None:
+            nats += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
+                                    reduction="sum").cpu()
         tokens += y.numel()
         n_bytes += byte_lengths[y.cpu()].sum().item()
     model.train(was_training)
+    if group is not None:
+        nats = nats.to(device)
+        dist.all_reduce(nats, group=group)
+    nats = nats.item()
     mean = nats / max(tokens, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)),
             "bpb": nats / math.log(2) / max(n_bytes, 1.0), "tokens": tokens}

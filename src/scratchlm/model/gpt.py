@@ -84,7 +84,9 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" \
             else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # Keyed by layer number (names "blocks.0", ... as a list would give) so that a pipeline
+        # stage can keep some blocks and drop the rest without renaming them.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -120,28 +122,35 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with `last_only`),
         and with targets (B, T) the mean next-token cross-entropy (targets of -100 ignored).
-        With a cache, idx continues the cached positions."""
-        B, T = idx.shape
+        With a cache, idx continues the cached positions.
+
+        A pipeline stage (see scratchlm.parallel.pipeline) is this model with parts removed:
+        without `tok_emb` it takes hidden states (B, T, n_embd) instead of ids, and without
+        `lm_head` it returns them instead of logits."""
+        B, T = idx.shape[:2]
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ScratchError(
                 f"sequence of {past + T} positions is longer than the model's context "
                 f"(block_size {self.config.block_size}); shorten the input or crop it")
-        x = self.tok_emb(idx)  # (B, T, n_embd)
-        rope = None
-        if self.pos_emb is not None:
-            pos = torch.arange(past, past + T, device=idx.device)
-            x = x + self.pos_emb(pos)  # (T, n_embd) broadcast over B
-        else:
+        x, rope = idx, None
+        if self.config.pos_emb == "rope":
             rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
-        x = self.drop(x)
-        for layer, block in enumerate(self.blocks):
+        if self.tok_emb is not None:
+            x = self.tok_emb(idx)  # (B, T, n_embd)
+            if self.pos_emb is not None:
+                pos = torch.arange(past, past + T, device=idx.device)
+                x = x + self.pos_emb(pos)  # (T, n_embd) broadcast over B
+            x = self.drop(x)
+        for name, block in self.blocks.items():
             if self.checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, cache, layer)
+                x = block(x, rope, cache, int(name))
         if cache is not None:
             cache.advance()
+        if self.lm_head is None:
+            return x, None
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:]  # (B, 1, n_embd): generation needs only the next token's logits

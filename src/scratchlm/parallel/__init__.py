@@ -13,37 +13,86 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from scratchlm.errors import ScratchError
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the job. Ranks form a (pp, dp, tp) grid, tensor parallelism
+    innermost so that its frequent collectives stay between neighbouring ranks (one node)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    mesh: DeviceMesh | None = None
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def coord(self, dim: str) -> int:
+        """This rank's index along a mesh dimension ("pp", "dp" or "tp")."""
+        return self.mesh.get_local_rank(dim) if self.mesh is not None else 0
 
-def init_distributed(device: str, dp: int) -> DistInfo:
-    """Join the process group torchrun set up (gloo on the CPU, NCCL on GPUs), checking that
-    the requested layout fits the number of processes before any work starts."""
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        return self.mesh.get_group(dim) if self.mesh is not None else None
+
+
+def check_layout(parallel, model, world: int) -> None:
+    """Refuse a layout that cannot work, before any work starts (`parallel` a ParallelConfig,
+    `model` a ModelConfig)."""
+    p = parallel
+    if min(p.dp, p.tp, p.pp) < 1:
+        raise ScratchError("parallel.dp, parallel.tp and parallel.pp must be at least 1")
+    if p.dp * p.tp * p.pp != world:
+        raise ScratchError(
+            f"parallel.dp x tp x pp = {p.dp} x {p.tp} x {p.pp} = {p.dp * p.tp * p.pp} but "
+            f"{world} process(es) were launched; launch with `torchrun --nproc_per_node="
+            f"{p.dp * p.tp * p.pp} -m scratchlm ...` or change the layout")
+    if p.zero not in (0, 1, 2, 3):
+        raise ScratchError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero}")
+    if p.tp > 1:
+        for what, n in [("model.n_head", model.n_head), ("model.n_kv_head", model.n_kv_head),
+                        ("model.intermediate_size", model.intermediate_size)]:
+            if n % p.tp:
+                raise ScratchError(f"{what} ({n}) is not divisible by parallel.tp ({p.tp}); "
+                                   "each tensor-parallel rank takes an equal share")
+        if p.sequence_parallel and model.block_size % p.tp:
+            raise ScratchError(f"model.block_size ({model.block_size}) is not divisible by "
+                               f"parallel.tp ({p.tp}), as sequence parallelism needs; change "
+                               "one or set --parallel.sequence_parallel=false")
+    if p.pp > 1 and model.n_layer % p.pp:
+        raise ScratchError(f"model.n_layer ({model.n_layer}) is not divisible by parallel.pp "
+                           f"({p.pp}); each pipeline stage takes an equal share of the blocks")
+    if p.zero == 1 and (p.tp > 1 or p.pp > 1):
+        raise ScratchError("parallel.zero=1 works with data parallelism alone; with tp or pp "
+                           "use zero 0, 2 or 3")
+    if p.zero >= 2 and p.pp > 1:
+        raise ScratchError("parallel.zero 2/3 (FSDP) is not combined with pipeline stages yet; "
+                           "use --parallel.zero=0 with parallel.pp")
+
+
+def init_distributed(device: str, parallel, model) -> DistInfo:
+    """Check the layout against the number of processes torchrun launched, join the process
+    group (gloo on the CPU, NCCL on GPUs) and build the (pp, dp, tp) device mesh."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dp != world:
-        raise ScratchError(f"parallel.dp is {dp} but {world} process(es) were launched; launch "
-                           f"with `torchrun --nproc_per_node={dp} -m scratchlm ...` or set "
-                           f"--parallel.dp={world}")
+    check_layout(parallel, model, world)
     if world == 1:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
+    local_rank = int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
-        torch.cuda.set_device(info.local_rank)
-    return info
+        torch.cuda.set_device(local_rank)
+    mesh = init_device_mesh(device.split(":")[0], (parallel.pp, parallel.dp, parallel.tp),
+                            mesh_dim_names=("pp", "dp", "tp"))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, mesh,
+                    parallel.dp, parallel.tp, parallel.pp)
 
 
 def teardown() -> None:

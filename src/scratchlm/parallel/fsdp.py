@@ -11,21 +11,22 @@ stay sharded.
 from __future__ import annotations
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from scratchlm.model.gpt import GPT
 
 
-def apply_fsdp(model: GPT, device: str, world_size: int, zero: int,
+def apply_fsdp(model: GPT, mesh: DeviceMesh, zero: int,
                compute_dtype: torch.dtype | None = None) -> GPT:
-    """Shard a plain model in place. `compute_dtype` (bf16 / fp16) makes blocks compute in
-    that dtype from fp32 sharded weights, with gradients reduced in fp32."""
-    mesh = init_device_mesh(device.split(":")[0], (world_size,))
+    """Shard a model in place over the data-parallel `mesh` (already tensor-parallel or not:
+    FSDP then shards the DTensor parameters a second time, a 2-D layout). `compute_dtype`
+    (bf16 / fp16) makes blocks compute in that dtype from fp32 sharded weights, with
+    gradients reduced in fp32."""
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
         if compute_dtype is not None else MixedPrecisionPolicy()
     reshard = zero >= 3
-    for block in model.blocks:
+    for block in model.blocks.values():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     return model

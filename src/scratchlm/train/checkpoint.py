@@ -11,9 +11,10 @@ A checkpoint is written into a temporary directory that is renamed into place wh
 so a run killed mid-write leaves the previous checkpoints untouched. Nothing is unpickled.
 
 Model and optimizer state are gathered whole, keyed by parameter name, through
-torch.distributed.checkpoint's state-dict API (a plain model gives the same): so a checkpoint
-is the same whatever the layout that wrote it (one process, DDP, FSDP over N ranks), and
-loads under any other (gather-to-rank-0; rank 0 writes).
+torch.distributed.checkpoint's state-dict API (a plain model gives the same), and pipeline
+stages' and ZeRO-1 ranks' parts merged by name: so a checkpoint is the same whatever the layout
+that wrote it (one process, DDP, ZeRO-1/2/3, tensor or pipeline parallel over N ranks), and
+loads under any other (gather-to-rank-0; rank 0 writes; every rank reads and keeps its part).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
@@ -38,6 +40,7 @@ from scratchlm.errors import ScratchError
 from scratchlm.model.checkpoint import load_config as load_model_config
 from scratchlm.model.checkpoint import save_model
 from scratchlm.model.gpt import GPT
+from scratchlm.parallel.zero1 import ZeroOneOptimizer
 from scratchlm.utils import atomic_write_text
 
 STATE = "trainer_state.json"
@@ -55,18 +58,66 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE).is_file())
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on rank 0 only
+_WHOLE_HERE = StateDictOptions(full_state_dict=True)  # whole, on every rank
 
 
-def gather_model_state(model: GPT) -> dict:
+def _gather_parts(part: dict, group: dist.ProcessGroup) -> list[dict]:
+    """Every rank's `part` on the group's first rank ([] on the others)."""
+    first = dist.get_global_rank(group, 0)
+    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(part, parts, dst=first, group=group)
+    return parts or []
+
+
+def gather_model_state(model: GPT, stage_group: dist.ProcessGroup | None = None) -> dict:
     """The whole model state dict on rank 0 (an empty dict elsewhere). A collective under
-    FSDP: every rank must call it."""
-    return get_model_state_dict(model, options=_FULL)
+    FSDP, tensor or pipeline parallelism: every rank must call it. `stage_group` holds the
+    pipeline stages, each with its own part of the model, merged here by name."""
+    if stage_group is None:
+        return get_model_state_dict(model, options=_FULL)
+    part = {k: v.detach().cpu() for k, v in
+            get_model_state_dict(model, options=_WHOLE_HERE).items()}
+    return {k: v for p in _gather_parts(part, stage_group) for k, v in p.items()}
 
 
-def gather_state(model: GPT, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+def gather_state(model: GPT, opt: torch.optim.Optimizer,
+                 stage_group: dist.ProcessGroup | None = None) -> tuple[dict, dict]:
     """Whole model and optimizer state dicts, keyed by parameter name, as above."""
-    return gather_model_state(model), get_optimizer_state_dict(model, opt, options=_FULL)
+    model_state = gather_model_state(model, stage_group)
+    if isinstance(opt, ZeroOneOptimizer):
+        return model_state, opt.gather_state_dict(model)
+    if stage_group is None:
+        return model_state, get_optimizer_state_dict(model, opt, options=_FULL)
+    parts = _gather_parts(get_optimizer_state_dict(model, opt, options=_WHOLE_HERE),
+                          stage_group)
+    if not parts:
+        return model_state, {}
+    state = {k: v for p in parts for k, v in p["state"].items()}
+    groups = [{**g, "params": [n for p in parts for n in p["param_groups"][i]["params"]]}
+              for i, g in enumerate(parts[0]["param_groups"])]
+    if model.config.tie_embeddings:  # the head's copy on the last stage equals the embedding's
+        state.pop("lm_head.weight", None)
+        for g in groups:
+            g["params"] = [n for n in g["params"] if n != "lm_head.weight"]
+    return model_state, {"state": state, "param_groups": groups}
+
+
+def _for_stage(model: GPT, model_state: dict, opt_state: dict) -> tuple[dict, dict]:
+    """The part of whole state dicts that a pipeline stage holds."""
+    names = set(model.state_dict())
+    opt_state = {"state": dict(opt_state["state"]),
+                 "param_groups": [dict(g) for g in opt_state["param_groups"]]}
+    if model.config.tie_embeddings and "lm_head.weight" in names \
+            and "tok_emb.weight" not in names:  # the last stage's copy of the tied embedding
+        opt_state["state"]["lm_head.weight"] = opt_state["state"].get("tok_emb.weight", {})
+        for g in opt_state["param_groups"]:
+            g["params"] = ["lm_head.weight" if n == "tok_emb.weight" else n
+                           for n in g["params"]]
+    opt_state["state"] = {k: v for k, v in opt_state["state"].items() if k in names}
+    for g in opt_state["param_groups"]:
+        g["params"] = [n for n in g["params"] if n in names]
+    return {k: v for k, v in model_state.items() if k in names}, opt_state
 
 
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -119,7 +170,8 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
         raise ScratchError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
     from scratchlm.model.checkpoint import check_state
 
-    check_state(model, model_state, str(path / "model.safetensors"))
+    with torch.device("meta"):  # the whole model's tensor shapes, whatever part this rank has
+        check_state(GPT(model.config), model_state, str(path / "model.safetensors"))
     if model.config.tie_embeddings:  # stored once; the state-dict API wants both names
         model_state["lm_head.weight"] = model_state["tok_emb.weight"]
     opt_state: dict = {"param_groups": opt_meta["param_groups"],
@@ -127,9 +179,14 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
     for key, tensor in opt_tensors.items():
         name, field = key.split("::", 1)
         opt_state["state"].setdefault(name, {})[field] = tensor
+    if len(model.blocks) < model.config.n_layer:  # a pipeline stage
+        model_state, opt_state = _for_stage(model, model_state, opt_state)
     try:
         set_model_state_dict(model, model_state, options=_FULL)
-        set_optimizer_state_dict(model, opt, opt_state, options=_FULL)
+        if isinstance(opt, ZeroOneOptimizer):
+            opt.load_full_state_dict(model, opt_state)
+        else:
+            set_optimizer_state_dict(model, opt, opt_state, options=_FULL)
     except (ValueError, KeyError, RuntimeError) as e:
         raise ScratchError(f"{path}: saved model or optimizer state does not fit this model "
                            f"({e})") from None

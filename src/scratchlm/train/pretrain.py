@@ -98,10 +98,7 @@ def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool
     """The whole run; `prepared` = (tokenizer dir, shard dir) when the caller built them."""
     from scratchlm.train.trainer import Trainer, resolve_device
 
-    if cfg.parallel.zero not in (0, 2, 3):
-        raise ScratchError(f"parallel.zero={cfg.parallel.zero} is not available yet; use 0 "
-                           "(DDP), 2 or 3 (FSDP)")
-    dist = init_distributed(resolve_device(cfg.train.device), cfg.parallel.dp)
+    dist = init_distributed(resolve_device(cfg.train.device), cfg.parallel, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ScratchError(f"{out} already has checkpoints; pass --resume to continue that "
@@ -123,8 +120,11 @@ def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool
     print0(model.summary())
     trainer = Trainer(cfg, model, tokenizer, data_dir, out, tokenizer_fingerprint(tok_dir), resume,
                       progress, dist)
-    print0(f"[train] {trainer.precision} on {trainer.device} x {dist.world_size} process(es), "
+    layout = f" (dp {dist.dp} x tp {dist.tp} x pp {dist.pp}, ZeRO-{trainer.zero})" \
+        if dist.world_size > 1 else ""
+    print0(f"[train] {trainer.precision} on {trainer.device} x {dist.world_size} process(es)"
+           f"{layout}, "
            f"{trainer.tokens_per_step:,} tokens per step ({trainer.accumulation} micro-batch(es) "
-           f"of {cfg.train.micro_batch} x {cfg.model.block_size} per process), "
+           f"of {cfg.train.micro_batch} x {cfg.model.block_size} per data-parallel rank), "
            f"{cfg.train.max_steps} steps")
     return trainer.run()

@@ -26,9 +26,10 @@ from scratchlm.eval.perplexity import evaluate_batches, token_byte_lengths
 from scratchlm.model.checkpoint import save_model
 from scratchlm.model.gpt import GPT
 from scratchlm.parallel import DistInfo, barrier, mean_over_ranks, print0
+from scratchlm.parallel.ddp import average_gradients
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.metrics import MetricsLogger, memory_gb, peak_flops, plot_losses
-from scratchlm.train.optim import build_optimizer
+from scratchlm.train.optim import build_optimizer, clip_gradients
 from scratchlm.train.schedule import lr_at
 from scratchlm.utils import atomic_write_text
 
@@ -64,44 +65,88 @@ class Trainer:
         if self.device == "cuda" and self.dist.world_size > 1:
             self.device = f"cuda:{self.dist.local_rank}"
         self.precision = resolve_precision(t.precision, self.device)
-        self.zero = cfg.parallel.zero if self.dist.world_size > 1 else 0
+        info = self.dist
+        self.zero = cfg.parallel.zero if info.dp > 1 else 0
         self.model = model.to(self.device)
         self.model.checkpointing = t.activation_checkpointing
-        block, world = model.config.block_size, self.dist.world_size
-        per_micro = t.micro_batch * block * world  # one micro-batch on every process
+        block = model.config.block_size
+        per_micro = t.micro_batch * block * info.dp  # one micro-batch on every data-parallel rank
         target = t.global_batch_tokens or per_micro
         if target % per_micro:
             raise ScratchError(
                 f"train.global_batch_tokens ({target}) must be a multiple of micro_batch x "
-                f"block_size x processes ({t.micro_batch} x {block} x {world} = {per_micro})")
+                f"block_size x data-parallel ranks ({t.micro_batch} x {block} x {info.dp} = "
+                f"{per_micro})")
         self.accumulation = target // per_micro
         self.tokens_per_step = target
+        # Ranks of one tensor-parallel group or one pipeline read the same batches.
         self.loader = TokenLoader(data_dir, "train", block, t.micro_batch, seed=t.seed,
-                                  rank=self.dist.rank, world_size=world,
+                                  rank=info.coord("dp"), world_size=info.dp,
                                   tokenizer_fingerprint=fingerprint)
-        if self.zero >= 2:  # shard before the optimizer sees the parameters
-            from scratchlm.parallel.fsdp import apply_fsdp
-
-            apply_fsdp(model, self.device, world, self.zero,
-                       DTYPES[self.precision] if self.precision != "fp32" else None)
+        self.n_params = model.num_params()
+        self.flops_per_step = model.flops_per_token(block) * self.tokens_per_step
+        self.pipeline = self._apply_layout()
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+        if self.zero == 1:
+            from scratchlm.parallel.zero1 import ZeroOneOptimizer
+
+            self.optimizer = ZeroOneOptimizer(self.optimizer, info.group("dp"))
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0],
                                            enabled=self.precision == "fp16")
-        self.forward = torch.compile(model) if t.compile else model
-        if world > 1 and self.zero == 0:
+        self.forward = torch.compile(model) if t.compile and not self.pipeline else model
+        # Gradients averaged over data-parallel ranks: by DDP (alone or under ZeRO-1), by FSDP
+        # (ZeRO-2/3), or by hand after the backward pass when tensor or pipeline parallelism
+        # also runs (DDP's wrapper does not take DTensor parameters or pipeline stages).
+        self.average_by_hand = info.dp > 1 and self.zero == 0 and info.tp * info.pp > 1
+        if info.dp > 1 and self.zero <= 1 and not self.average_by_hand:
             from scratchlm.parallel.ddp import apply_ddp
 
-            self.forward = apply_ddp(self.forward, self.device)
+            self.forward = apply_ddp(self.forward, self.device, info.group("dp"))
+        # The tied head on the last pipeline stage is the first stage's embedding: count its
+        # gradient once in the norm.
+        self.norm_params = [p for n, p in model.named_parameters()
+                            if not (self.pipeline and n == "lm_head.weight" and
+                                    model.config.tie_embeddings and not self.pipeline.first)]
         self.byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-        self.flops_per_step = model.flops_per_token(block) * self.tokens_per_step
         # MFU counts every process's device: the peak of one, measured, times their number.
-        self.peak = peak_flops(self.device, DTYPES[self.precision]) * world
+        self.peak = peak_flops(self.device, DTYPES[self.precision]) * info.world_size
         self.step, self.tokens_seen = 0, 0
         self.best_val, self.best_step = math.inf, -1
         self.bad_in_row, self.skipped = 0, 0
         self.logger = MetricsLogger(out, resume) if self.main else None
         if resume:
             self._resume()
+
+    def _apply_layout(self):
+        """Cut the model to this rank's pipeline stage, split it over the tensor-parallel ranks,
+        shard it over the data-parallel ones (ZeRO-2/3): in that order, each on its own
+        dimension of the device mesh. Returns the Pipeline when there are stages."""
+        info, p, model = self.dist, self.cfg.parallel, self.model
+        pipeline = None
+        if info.pp > 1:
+            from scratchlm.parallel.pipeline import Pipeline, cut_stage
+
+            if self.precision == "fp16":
+                raise ScratchError("fp16 loss scaling does not reach inside pipeline schedules; "
+                                   "use --train.precision=bf16 (or fp32) with parallel.pp")
+            if p.pp_schedule == "1f1b" and self.accumulation < info.pp:
+                raise ScratchError(
+                    f"the 1F1B schedule needs at least as many micro-batches per step as stages "
+                    f"({self.accumulation} < {info.pp}); raise train.global_batch_tokens or "
+                    "lower train.micro_batch")
+            cut_stage(model, info.coord("pp"), info.pp)
+        if info.tp > 1:
+            from scratchlm.parallel.tensor import apply_tp
+
+            apply_tp(model, info.mesh["tp"], p.sequence_parallel)
+        if self.zero >= 2:
+            from scratchlm.parallel.fsdp import apply_fsdp
+
+            apply_fsdp(model, info.mesh["dp"], self.zero,
+                       DTYPES[self.precision] if self.precision != "fp32" else None)
+        if info.pp > 1:
+            pipeline = Pipeline(model, info, self.device, self.accumulation, p.pp_schedule)
+        return pipeline
 
     # --------------------------------------------------------------------------------------------
 
@@ -114,7 +159,12 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics."""
         t = self.cfg.train
         total = torch.zeros((), device=self.device)
-        for micro in range(self.accumulation):
+        if self.pipeline:  # the step's micro-batches go through the stages together
+            xs, ys = zip(*(self.loader.next_batch() for _ in range(self.accumulation)))
+            with self.autocast():
+                total = self.pipeline.train_step(torch.cat(xs).to(self.device),
+                                                 torch.cat(ys).to(self.device))
+        for micro in range(0 if self.pipeline else self.accumulation):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # Data parallel: gradients are averaged over processes once, on the last micro-step.
@@ -129,15 +179,17 @@ class Trainer:
                 loss = loss / self.accumulation
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        total = mean_over_ranks(total)  # the loss of the whole global batch, on every rank
+        if self.average_by_hand:
+            average_gradients(list(self.model.parameters()), self.dist.group("dp"))
+        # The loss of the whole global batch, on every rank (tensor-parallel and pipeline
+        # ranks of one data-parallel group hold the same value).
+        total = mean_over_ranks(total)
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   t.grad_clip if t.grad_clip > 0 else math.inf)
+        grad_norm = clip_gradients(self.norm_params, t.grad_clip if t.grad_clip > 0 else math.inf,
+                                   self.dist.group("pp") if self.pipeline else None)
         lr = lr_at(self.step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = total.item(), grad_norm.item()
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite or self.precision == "fp16":
@@ -162,6 +214,9 @@ class Trainer:
         batches = iter_eval_windows(self.data_dir, cfg.block_size, self.cfg.train.micro_batch,
                                     self.cfg.train.eval_batches)
         autocast = self.autocast() if self.precision != "fp32" else None
+        if self.pipeline:
+            return evaluate_batches(self.model, batches, self.byte_lengths, self.device, autocast,
+                                    self.pipeline.forward_logits, self.dist.group("pp"))
         return evaluate_batches(self.model, batches, self.byte_lengths, self.device, autocast)
 
     def sample(self) -> str:
@@ -177,6 +232,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------
 
+    @property
+    def stage_group(self):
+        return self.dist.group("pp") if self.pipeline else None
+
     def _state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "best_step": self.best_step, "skipped": self.skipped,
@@ -185,7 +244,7 @@ class Trainer:
 
     def save(self) -> None:
         """Every rank helps gather the whole state (sharded under FSDP); rank 0 writes."""
-        model_state, opt_state = ckpt.gather_state(self.model, self.optimizer)
+        model_state, opt_state = ckpt.gather_state(self.model, self.optimizer, self.stage_group)
         if self.main:
             ckpt.save_checkpoint(self.out, self.step, self.model, model_state, opt_state,
                                  self.tokenizer, self.cfg, self._state())
@@ -250,7 +309,10 @@ class Trainer:
                 if last_val["loss"] < self.best_val:
                     self.best_val, self.best_step = last_val["loss"], self.step
                 # Under FSDP every rank must run the forward passes (they gather the weights).
-                sample = self.sample() if self.main or self.zero >= 2 else ""
+                # Samples need the whole model in one place: none under tensor or pipeline
+                # parallelism, whose ranks each hold part of it.
+                whole = self.dist.tp == self.dist.pp == 1
+                sample = self.sample() if whole and (self.main or self.zero >= 2) else ""
                 if sample and self.progress:
                     tqdm.write(f"[step {self.step}] val loss {last_val['loss']:.3f}, "
                                f"bpb {last_val['bpb']:.3f} | {sample[:200]!r}")
@@ -272,7 +334,7 @@ class Trainer:
         return self.finish(last_val, time.perf_counter() - start)
 
     def finish(self, last_val: dict, seconds: float) -> dict:
-        model_state = ckpt.gather_model_state(self.model)
+        model_state = ckpt.gather_model_state(self.model, self.stage_group)
         if not self.main:
             barrier()
             return {"steps": self.step, "val": last_val}
@@ -293,7 +355,7 @@ class Trainer:
             "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(len(steady), 1),
             "mfu": sum(r["mfu"] for r in steady) / max(len(steady), 1),
             "peak_flops": self.peak, "precision": self.precision, "device": self.device,
-            "parameters": self.model.num_params(),
+            "parameters": self.n_params,
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         barrier()
