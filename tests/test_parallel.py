@@ -203,6 +203,7 @@ def test_two_nodes_on_loopback_equal_one_process(prepared, single: Path, tmp_pat
 
 MEMORY_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
+from scratchlm.memory import held_bytes
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.parallel.ddp import apply_ddp
 from scratchlm.parallel.fsdp import apply_fsdp
@@ -221,13 +222,7 @@ if zero == 1:
 x = torch.randint(0, 1024, (2, 32))
 forward(x, x)[1].backward()
 opt.step()
-local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-nbytes = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)
-params = list(model.parameters())
-row = {"params": nbytes(params), "grads": nbytes(p.grad for p in params),
-       "optimizer": nbytes(v for s in getattr(opt, "local", opt).state.values()
-                           for v in s.values() if v.dim() > 0)}
-json.dump(row, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+json.dump(held_bytes(model, opt), open(f"{out}/rank{dist.get_rank()}.json", "w"))
 dist.destroy_process_group()
 """
 
@@ -254,10 +249,10 @@ def test_per_rank_state_matches_the_memory_estimator(tmp_path: Path, zero: int) 
     cfg = ModelConfig.from_preset("llama-tiny", n_layer=4, n_embd=128, vocab_size=1024)
     est = estimate_memory(cfg, "fp32", zero=3 if zero >= 2 else zero, gpus=2)
     for row in rows:
-        for key, predicted in [("params", est.weights), ("grads", est.gradients),
+        for key, predicted in [("weights", est.weights), ("gradients", est.gradients),
                                ("optimizer", est.optimizer)]:
             assert abs(row[key] / predicted - 1) < 0.05, (key, row[key], predicted)
     whole = estimate_memory(cfg, "fp32", zero=0, gpus=1)
-    key, total = ("optimizer", whole.optimizer) if zero == 1 else ("params", whole.weights)
+    key, total = ("optimizer", whole.optimizer) if zero == 1 else ("weights", whole.weights)
     if zero:  # the two shards make up the whole
         assert abs(sum(r[key] for r in rows) / total - 1) < 0.02

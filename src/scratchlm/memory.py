@@ -140,6 +140,21 @@ def estimate_memory(
     return MemoryEstimate(n, weights, grads, optim, act)
 
 
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of weights, gradients and optimizer state this rank holds: the local shards of
+    sharded (DTensor) tensors, a tied weight once; what `estimate_memory` predicts per device."""
+    def nbytes(tensors) -> int:
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+        return sum(t.numel() * t.element_size() for t in local)
+
+    params = list(model.parameters())
+    optimizer = getattr(optimizer, "local", optimizer)  # ZeRO-1: this rank's own optimizer
+    return {"weights": nbytes(params),
+            "gradients": nbytes(p.grad for p in params if p.grad is not None),
+            "optimizer": nbytes(v for s in optimizer.state.values() for v in s.values()
+                                if isinstance(v, torch.Tensor) and v.dim() > 0)}
+
+
 def training_peak_bytes(model: torch.nn.Module, idx: torch.Tensor) -> int:
     """Peak bytes allocated by one forward + backward of `model` on `idx` (inputs as targets):
     what `estimate_memory`'s activations + gradients predict."""

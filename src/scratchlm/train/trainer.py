@@ -23,6 +23,7 @@ from scratchlm.config import Config, save_config
 from scratchlm.data.loader import TokenLoader, iter_eval_windows
 from scratchlm.errors import ScratchError
 from scratchlm.eval.perplexity import evaluate_batches, token_byte_lengths
+from scratchlm.memory import held_bytes
 from scratchlm.model.checkpoint import save_model
 from scratchlm.model.gpt import GPT
 from scratchlm.parallel import DistInfo, barrier, mean_over_ranks, print0
@@ -111,6 +112,7 @@ class Trainer:
         # MFU counts every process's device: the peak of one, measured, times their number.
         self.peak = peak_flops(self.device, DTYPES[self.precision]) * info.world_size
         self.step, self.tokens_seen = 0, 0
+        self.held: dict[str, int] | None = None
         self.best_val, self.best_step = math.inf, -1
         self.bad_in_row, self.skipped = 0, 0
         self.logger = MetricsLogger(out, resume) if self.main else None
@@ -201,6 +203,8 @@ class Trainer:
             skipped = self.precision == "fp16" and self.scaler.get_scale() < scale
         else:
             skipped = True
+        if self.held is None:  # what this rank holds at its fullest: gradients still there
+            self.held = held_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         if skipped:
             self.skipped += 1
@@ -335,6 +339,13 @@ class Trainer:
 
     def finish(self, last_val: dict, seconds: float) -> dict:
         model_state = ckpt.gather_model_state(self.model, self.stage_group)
+        # Per-rank memory, the largest over ranks (pipeline stages differ): bytes of weights,
+        # gradients and optimizer state held, and the peak memory of the process or device.
+        held = dict(self.held or {}, peak=int(memory_gb(self.device) * 1e9))
+        largest = torch.tensor(list(held.values()), dtype=torch.float64, device=self.device)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        per_rank = {k: int(v) for k, v in zip(held, largest.tolist())}
         if not self.main:
             barrier()
             return {"steps": self.step, "val": last_val}
@@ -355,7 +366,9 @@ class Trainer:
             "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(len(steady), 1),
             "mfu": sum(r["mfu"] for r in steady) / max(len(steady), 1),
             "peak_flops": self.peak, "precision": self.precision, "device": self.device,
-            "parameters": self.n_params,
+            "parameters": self.n_params, "per_rank_bytes": per_rank,
+            "layout": {"dp": self.dist.dp, "tp": self.dist.tp, "pp": self.dist.pp,
+                       "zero": self.zero},
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         barrier()
