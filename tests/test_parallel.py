@@ -121,6 +121,18 @@ def test_every_layout_equals_one_process(prepared, singles, tmp_path: Path, layo
     assert_same_run(singles[variant], tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "step-000006", "step-000012"]
+    # What the fullest rank holds, against `scratchlm memory` for the same layout (ZeRO-2 keeps
+    # weights sharded at rest, as ZeRO-3 does).
+    from scratchlm.memory import estimate_memory
+
+    cfg = load_config(Config, tmp_path / "config.yaml")
+    p = cfg.parallel
+    est = estimate_memory(cfg.model, "fp32", zero=3 if p.zero >= 2 else p.zero, gpus=p.dp,
+                          tp=p.tp, pp=p.pp)
+    held = json.loads((tmp_path / "summary.json").read_text())["per_rank_bytes"]
+    for key, predicted in [("weights", est.weights), ("gradients", est.gradients),
+                           ("optimizer", est.optimizer)]:
+        assert held[key] == pytest.approx(predicted, rel=0.02), key
 
 
 def launch(prepared, steps: int, out: Path, flags: list[str], *extra: str) -> None:

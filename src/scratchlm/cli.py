@@ -265,7 +265,7 @@ def cmd_convert(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
     from scratchlm.config import Config, from_dict, parse_override
-    from scratchlm.memory import estimate_memory
+    from scratchlm.memory import count_params, estimate_memory
     from scratchlm.model.config import PRESETS, ModelConfig
 
     ModelConfig.from_preset(args.preset)  # an unknown name fails here, with a suggestion
@@ -277,9 +277,13 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
         fields[key[len("model."):]] = value
     cfg = from_dict(ModelConfig, {**PRESETS[args.preset], **fields}, "model")
     est = estimate_memory(cfg, args.dtype, args.optimizer, args.zero, args.gpus,
-                          args.micro_batch, args.seq, args.activation_checkpointing)
-    print(f"{args.preset}: {est.params / 1e9:.3f}B parameters, {args.dtype}, {args.optimizer}, "
-          f"ZeRO-{args.zero} over {args.gpus} device(s), micro-batch {args.micro_batch} x "
+                          args.micro_batch, args.seq, args.activation_checkpointing,
+                          args.tp, args.pp)
+    split = f", tp {args.tp} x pp {args.pp} ({est.params / 1e9:.3f}B per device)" \
+        if args.tp * args.pp > 1 else ""
+    print(f"{args.preset}: {count_params(cfg) / 1e9:.3f}B parameters, {args.dtype}, "
+          f"{args.optimizer}, ZeRO-{args.zero} over {args.gpus} data-parallel device(s){split}, "
+          f"micro-batch {args.micro_batch} x "
           f"{args.seq or cfg.block_size} tokens"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}")
     print("per device:")
@@ -445,7 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
     mem.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     mem.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
-    mem.add_argument("--gpus", type=int, default=1)
+    mem.add_argument("--gpus", type=int, default=1, help="data-parallel devices (ZeRO shards "
+                     "over these)")
+    mem.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (with sequence "
+                     "parallelism)")
+    mem.add_argument("--pp", type=int, default=1, help="pipeline stages (1F1B); the largest "
+                     "stage is reported")
     mem.add_argument("--micro-batch", type=int, default=1)
     mem.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: "
                      "the model's context)")

@@ -4,7 +4,8 @@ States follow the ZeRO paper's accounting (Rajbhandari et al. 2020): with mixed 
 weights and gradients are 2 bytes per parameter and the optimizer keeps an fp32 master copy
 beside its moments (AdamW: 4 + 4 + 4 = 12 bytes); in fp32 everything is 4 bytes and AdamW keeps
 two moments (8 bytes). ZeRO-1 shards the optimizer states over the data-parallel devices,
-ZeRO-2 the gradients too, ZeRO-3 the weights too.
+ZeRO-2 the gradients too, ZeRO-3 the weights too. Tensor parallelism divides the matrices and
+embeddings, pipeline parallelism the blocks (the largest stage is reported).
 
 Activations are counted tensor by tensor for scratchlm's own blocks: what autograd saves for
 the backward pass, per token, per layer, plus the loss's gradients at the start of the backward
@@ -31,20 +32,26 @@ Optimizer = Literal["adamw", "sgd"]
 GB = 1e9
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Parameters of GPT(cfg), computed from the shapes (a 7B model is never allocated)."""
+def count_params(cfg: ModelConfig, tp: int = 1, pp: int = 1) -> int:
+    """Parameters of GPT(cfg), computed from the shapes (a 7B model is never allocated).
+    With tp / pp: those one rank holds, on the largest pipeline stage. Tensor parallelism splits
+    the matrices, their column-split biases and the embedding tables; norms, and the biases of
+    row-split layers, stay whole on every rank. A tied head on its own last stage is a copy."""
     C, hd, H, kv, inner = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, \
         cfg.intermediate_size
     norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    qkv = C * (H + 2 * kv) * hd + ((H + 2 * kv) * hd if cfg.bias else 0)
-    proj = H * hd * C + (C if cfg.bias else 0)
+    qkv = (C * (H + 2 * kv) * hd + ((H + 2 * kv) * hd if cfg.bias else 0)) // tp
+    proj = H * hd * C // tp + (C if cfg.bias else 0)
     fc_width = inner * (2 if cfg.mlp == "swiglu" else 1)
-    fc = C * fc_width + (fc_width if cfg.bias else 0)
-    down = inner * C + (C if cfg.bias else 0)
+    fc = (C * fc_width + (fc_width if cfg.bias else 0)) // tp
+    down = inner * C // tp + (C if cfg.bias else 0)
     block = 2 * norm + qkv + proj + fc + down
-    emb = cfg.vocab_size * C + (cfg.block_size * C if cfg.pos_emb == "learned" else 0)
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * C
-    return emb + cfg.n_layer * block + norm + head
+    emb = (cfg.vocab_size * C + (cfg.block_size * C if cfg.pos_emb == "learned" else 0)) // tp
+    head = cfg.vocab_size * C // tp
+    blocks = cfg.n_layer // pp * block
+    if pp == 1:
+        return emb + blocks + norm + (0 if cfg.tie_embeddings else head)
+    return max(emb + blocks, blocks + norm + head)  # the first stage, or the last
 
 
 def activation_elements(cfg: ModelConfig, seq: int) -> tuple[float, float]:
@@ -99,16 +106,20 @@ def estimate_memory(
     micro_batch: int = 1,
     seq: int | None = None,
     activation_checkpointing: bool = False,
+    tp: int = 1,
+    pp: int = 1,
 ) -> MemoryEstimate:
-    """Peak training memory per device, by component."""
+    """Peak training memory per device, by component. `gpus` is the number of data-parallel
+    ranks (over which ZeRO shards), `tp` and `pp` the tensor-parallel ranks (with sequence
+    parallelism) and pipeline stages (1F1B, at least pp micro-batches per step)."""
     if zero not in (0, 1, 2, 3):
         raise ScratchError(f"zero must be 0, 1, 2 or 3, got {zero}")
-    if gpus < 1 or micro_batch < 1:
-        raise ScratchError("gpus and micro_batch must be at least 1")
+    if min(gpus, micro_batch, tp, pp) < 1:
+        raise ScratchError("gpus, micro_batch, tp and pp must be at least 1")
     seq = seq or cfg.block_size
     if seq > cfg.block_size:
         raise ScratchError(f"seq {seq} is longer than the model's context ({cfg.block_size})")
-    n = count_params(cfg)
+    n = count_params(cfg, tp, pp)
     mixed = dtype != "fp32"
     width = 2 if mixed else 4
     moments = {"adamw": 8, "sgd": 4}[optimizer]  # AdamW: m and v; SGD: momentum, fp32
@@ -122,6 +133,10 @@ def estimate_memory(
     if zero >= 3:
         weights /= gpus
     per_layer, outside = activation_elements(cfg, seq)
+    # Sequence parallelism divides everything inside a block by tp (Korthikanti et al. 2022);
+    # the logits are gathered whole. Under 1F1B the first stage holds pp micro-batches of its
+    # n_layer / pp blocks: as many block activations as one micro-batch through the whole model.
+    per_layer /= tp
     V = cfg.vocab_size
     # The loss is taken in fp32 whatever the compute dtype, so its saved log-softmax (in
     # `outside`) is 4 bytes a value. The backward pass begins by making two more vocab-sized
@@ -132,7 +147,7 @@ def estimate_memory(
     if activation_checkpointing:
         # Each block keeps only its input; backward later recomputes one block at a time, so
         # the peak is the larger of the loss gradients and one block's activations.
-        per_token += width * cfg.n_layer * cfg.n_embd
+        per_token += width * cfg.n_layer * cfg.n_embd / tp
         peak_extra = max(peak_extra, width * per_layer)
     else:
         per_token += width * cfg.n_layer * per_layer

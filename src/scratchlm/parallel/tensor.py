@@ -85,3 +85,14 @@ def _replicated_in(module, inputs, mesh: DeviceMesh):
 
 def _local_out(module, output, mesh: DeviceMesh):
     return output.to_local()
+
+
+def settle_gradients(model: GPT) -> None:
+    """Bring every gradient to its parameter's layout, once per step before clipping and the
+    optimizer. DTensor's backward leaves some in another: the norms' as partial sums (under
+    sequence parallelism each rank saw its part of the sequence), the position table's whole.
+    Summing partial gradients once per step, not per micro-batch, is also the cheaper order."""
+    for p in model.parameters():
+        g = p.grad
+        if g is not None and isinstance(g, DTensor) and g.placements != p.placements:
+            p.grad = g.redistribute(p.device_mesh, p.placements)

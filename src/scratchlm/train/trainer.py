@@ -181,6 +181,10 @@ class Trainer:
                 loss = loss / self.accumulation
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+        if self.dist.tp > 1:
+            from scratchlm.parallel.tensor import settle_gradients
+
+            settle_gradients(self.model)
         if self.average_by_hand:
             average_gradients(list(self.model.parameters()), self.dist.group("dp"))
         # The loss of the whole global batch, on every rank (tensor-parallel and pipeline
