@@ -26,7 +26,7 @@ from scratchlm.eval.perplexity import evaluate_batches, token_byte_lengths
 from scratchlm.memory import held_bytes
 from scratchlm.model.checkpoint import save_model
 from scratchlm.model.gpt import GPT
-from scratchlm.parallel import DistInfo, barrier, mean_over_ranks, print0
+from scratchlm.parallel import DistInfo, barrier, mean_over_ranks, parallelize, print0
 from scratchlm.parallel.ddp import average_gradients
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.metrics import MetricsLogger, memory_gb, peak_flops, plot_losses
@@ -86,7 +86,9 @@ class Trainer:
                                   tokenizer_fingerprint=fingerprint)
         self.n_params = model.num_params()
         self.flops_per_step = model.flops_per_token(block) * self.tokens_per_step
-        self.pipeline = self._apply_layout()
+        # Pipeline stage, tensor-parallel split, FSDP shards: before the optimizer sees them.
+        self.pipeline = parallelize(model, info, cfg.parallel, self.device, self.precision,
+                                    self.accumulation)
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         if self.zero == 1:
             from scratchlm.parallel.zero1 import ZeroOneOptimizer
@@ -118,37 +120,6 @@ class Trainer:
         self.logger = MetricsLogger(out, resume) if self.main else None
         if resume:
             self._resume()
-
-    def _apply_layout(self):
-        """Cut the model to this rank's pipeline stage, split it over the tensor-parallel ranks,
-        shard it over the data-parallel ones (ZeRO-2/3): in that order, each on its own
-        dimension of the device mesh. Returns the Pipeline when there are stages."""
-        info, p, model = self.dist, self.cfg.parallel, self.model
-        pipeline = None
-        if info.pp > 1:
-            from scratchlm.parallel.pipeline import Pipeline, cut_stage
-
-            if self.precision == "fp16":
-                raise ScratchError("fp16 loss scaling does not reach inside pipeline schedules; "
-                                   "use --train.precision=bf16 (or fp32) with parallel.pp")
-            if p.pp_schedule == "1f1b" and self.accumulation < info.pp:
-                raise ScratchError(
-                    f"the 1F1B schedule needs at least as many micro-batches per step as stages "
-                    f"({self.accumulation} < {info.pp}); raise train.global_batch_tokens or "
-                    "lower train.micro_batch")
-            cut_stage(model, info.coord("pp"), info.pp)
-        if info.tp > 1:
-            from scratchlm.parallel.tensor import apply_tp
-
-            apply_tp(model, info.mesh["tp"], p.sequence_parallel)
-        if self.zero >= 2:
-            from scratchlm.parallel.fsdp import apply_fsdp
-
-            apply_fsdp(model, info.mesh["dp"], self.zero,
-                       DTYPES[self.precision] if self.precision != "fp32" else None)
-        if info.pp > 1:
-            pipeline = Pipeline(model, info, self.device, self.accumulation, p.pp_schedule)
-        return pipeline
 
     # --------------------------------------------------------------------------------------------
 
