@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import filterfalse
 
 import numpy as np
 import regex
+
+from scratchlm.data.dedup import word_hashes
 
 BULLETS = ("•", "·", "-", "*", "‣", "◦", "–")
 ELLIPSES = ("...", "…")
@@ -22,7 +26,6 @@ ELLIPSES = ("...", "…")
 # are invisible in text (zero-width spaces aside from the joiner that emoji need).
 _CONTROL = regex.compile(r"[\p{Cc}--[\t\n]]|[\u200b\u200e\u200f\u2028\u2029\ufeff]",
                          flags=regex.V1)
-_SPACES = regex.compile(r"[^\S\n]+")  # runs of horizontal whitespace
 _BLANKS = regex.compile(r"\n{3,}")
 _ALPHA_WORD = regex.compile(r"\S*\p{L}\S*")
 
@@ -56,7 +59,8 @@ class FilterConfig:
     """Largest share of characters in lines that occur more than once. (Gopher also bounds the
     share of duplicated lines, 0.3, which drops drama: speaker names repeat on short lines.)"""
     max_top_ngram_chars: list[float] | None = field(default_factory=lambda: [0.20, 0.18, 0.16])
-    """For word 2-, 3-, 4-grams: largest share of characters in the most frequent one."""
+    """For word 2-, 3-, 4-grams: largest share of characters in the most frequent one (words
+    compared lower-cased, here and below)."""
     max_dup_ngram_chars: list[float] | None = field(
         default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
     """For word 5- to 10-grams: largest share of characters in n-grams occurring twice or more."""
@@ -65,9 +69,11 @@ class FilterConfig:
 def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
-    return _BLANKS.sub("\n\n", text).strip()
+    # str.split() splits on runs of any whitespace: per line, that collapses and strips them.
+    text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+    if "\n\n\n" in text:
+        text = _BLANKS.sub("\n\n", text)
+    return text.strip()
 
 
 @cache
@@ -78,9 +84,12 @@ def _boilerplate_regex(phrases: tuple[str, ...]) -> regex.Pattern:
 def drop_boilerplate(text: str, phrases: list[str]) -> str:
     if not phrases:
         return text
-    pattern = _boilerplate_regex(tuple(phrases))
-    if not pattern.search(text):  # the common case: one scan of the whole text
+    lowered = text.lower()
+    # The common case, no phrase anywhere: plain substring searches are far faster than one
+    # case-insensitive regex alternation.
+    if not any(p.lower() in lowered for p in phrases):
         return text
+    pattern = _boilerplate_regex(tuple(phrases))
     return "\n".join(line for line in text.split("\n") if not pattern.search(line))
 
 
@@ -90,57 +99,64 @@ def clean(text: str, cfg: FilterConfig) -> str:
     return drop_boilerplate(text, cfg.boilerplate)
 
 
-def _word_ids(words: list[str]) -> np.ndarray:
-    index: dict[str, int] = {}
-    return np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.uint64,
-                       count=len(words))
+def _ngram_keys(ids: np.ndarray, up_to: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(n, a 64-bit key per word n-gram) for n = 1, 2, ... up_to: a polynomial hash of the word
+    ids that wraps around, each n's keys made from the last's in one step."""
+    keys = ids
+    for n in range(1, min(up_to, len(ids)) + 1):
+        if n > 1:
+            with np.errstate(over="ignore"):
+                keys = keys[:-1] * np.uint64(1_000_003) + ids[n - 1:]
+        yield n, keys
 
 
-def _ngram_keys(ids: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit key per word n-gram (polynomial hash of the word ids; wraps around)."""
-    keys = np.zeros(len(ids) - n + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):
-            keys = keys * np.uint64(1_000_003) + ids[k:len(ids) - n + 1 + k]
-    return keys
+def _run_lengths(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each run of equal values in a sorted array starts, and how long it is."""
+    starts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    edges = np.concatenate(([0], starts, [len(ordered)]))
+    return edges[:-1], edges[1:] - edges[:-1]
 
 
-def _ngram_failure(words: list[str], cfg: FilterConfig) -> str | None:
+def _ngram_failure(words: list[str], ids: np.ndarray, cfg: FilterConfig) -> str | None:
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     total = lengths.sum()
-    ids = _word_ids(words)
-    for n, limit in zip((2, 3, 4), cfg.max_top_ngram_chars or ()):
-        if len(words) < n:
-            break
-        keys = _ngram_keys(ids, n)
-        uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        top = counts.argmax()
-        chars = lengths[first[top]:first[top] + n].sum() * counts[top]
-        if counts[top] > 1 and chars / total > limit:
-            return f"top_{n}gram"
-    limits = list(zip(range(5, 11), cfg.max_dup_ngram_chars or ()))
-    for n, limit in limits:
-        if len(words) < n:
-            break
-        keys = _ngram_keys(ids, n)
-        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        starts = np.flatnonzero(counts[inverse] > 1)  # n-grams that occur twice or more
-        covered = np.zeros(len(words), dtype=bool)
-        for k in range(n):  # mark every word of each repeated n-gram
-            covered[starts + k] = True
-        share = lengths[covered].sum() / total
-        if share > limit:
-            return f"dup_{n}gram"
-        # Every word of a repeated longer n-gram lies in a repeated 5-gram, so the shares only
-        # fall as n grows: below every remaining limit, no longer n can fail.
-        if share <= min(lim for _, lim in limits):
-            return None
+    top_limits = dict(zip((2, 3, 4), cfg.max_top_ngram_chars or ()))
+    dup_limits = dict(zip(range(5, 11), cfg.max_dup_ngram_chars or ()))
+    for n, keys in _ngram_keys(ids, max([*top_limits, *dup_limits], default=0)):
+        if n in top_limits:
+            ordered = np.sort(keys)
+            run_starts, counts = _run_lengths(ordered)
+            top = counts.argmax()
+            if counts[top] > 1:
+                first = int(np.argmax(keys == ordered[run_starts[top]]))  # one occurrence
+                if lengths[first:first + n].sum() * counts[top] / total > top_limits[n]:
+                    return f"top_{n}gram"
+        elif n in dup_limits:
+            order = np.argsort(keys)
+            same = keys[order[1:]] == keys[order[:-1]]  # equal neighbours in sorted order
+            repeated = np.zeros(len(keys), dtype=bool)
+            repeated[1:] |= same
+            repeated[:-1] |= same
+            starts = order[repeated]  # n-grams that occur twice or more
+            covered = np.zeros(len(words), dtype=bool)
+            for k in range(n):  # mark every word of each repeated n-gram
+                covered[starts + k] = True
+            share = lengths[covered].sum() / total
+            if share > dup_limits[n]:
+                return f"dup_{n}gram"
+            # Every word of a repeated longer n-gram lies in a repeated 5-gram, so the shares
+            # only fall as n grows: below every remaining limit, no longer n can fail.
+            if share <= min(dup_limits.values()):
+                return None
     return None
 
 
-def quality_failure(text: str, cfg: FilterConfig) -> str | None:
-    """The name of the first quality filter `text` fails, or None if it passes them all."""
-    words = text.split()
+def quality_failure(text: str, cfg: FilterConfig, words: list[str] | None = None,
+                    ids: np.ndarray | None = None) -> str | None:
+    """The name of the first quality filter `text` fails, or None if it passes them all.
+    `words` (text.split()) and `ids` (their `word_hashes`: repetition is counted over
+    lower-cased words) may be passed by a caller that needs them too."""
+    words = text.split() if words is None else words
     n = len(words)
     if cfg.min_words is not None and n < cfg.min_words:
         return "min_words"
@@ -167,14 +183,17 @@ def quality_failure(text: str, cfg: FilterConfig) -> str | None:
         if ellipses / len(lines) > cfg.max_ellipsis_lines:
             return "ellipsis_lines"
     if cfg.min_alpha_words is not None:
-        if len(_ALPHA_WORD.findall(text)) / n < cfg.min_alpha_words:
+        # Words of letters only pass at C speed; the regex looks at the rest.
+        others = list(filterfalse(str.isalpha, words))
+        alpha = n - len(others) + len(_ALPHA_WORD.findall(" ".join(others)))
+        if alpha / n < cfg.min_alpha_words:
             return "alpha_words"
     if cfg.max_duplicate_line_chars is not None and lines:
         counts = Counter(lines)
         dup_chars = sum(len(ln) * c for ln, c in counts.items() if c > 1)
         if dup_chars / sum(map(len, lines)) > cfg.max_duplicate_line_chars:
             return "duplicate_lines"
-    return _ngram_failure(words, cfg)
+    return _ngram_failure(words, word_hashes(words) if ids is None else ids, cfg)
 
 
 def filter_names(cfg: FilterConfig) -> list[str]:

@@ -27,9 +27,11 @@ from scratchlm.data.clean import FilterConfig, clean, filter_names, quality_fail
 from scratchlm.data.dedup import (
     DedupConfig,
     NearDuplicateIndex,
+    band_keys,
     exact_key,
     minhash,
     permutations,
+    word_hashes,
 )
 from scratchlm.data.readers import iter_documents
 from scratchlm.data.shards import ShardFile, token_dtype
@@ -82,25 +84,34 @@ def _init_worker(tokenizer_dir: str, cfg: DataConfig) -> None:
     tok = BPETokenizer.load(tokenizer_dir)
     from scratchlm.tokenizer.fast import to_tiktoken
 
-    _WORKER.update(enc=to_tiktoken(tok), eot=tok.eot_id, cfg=cfg, perms=permutations(cfg.dedup))
+    _WORKER.update(enc=to_tiktoken(tok), eot=tok.eot_id, cfg=cfg, perms=permutations(cfg.dedup),
+                   dtype=token_dtype(tok.vocab_size))
 
 
 def _process(texts: list[str]) -> list[tuple]:
-    """Per document: (bytes in, failure or None, bytes kept, exact key, signature, tokens)."""
+    """Per document: (bytes in, failure or None, bytes kept, exact key, (MinHash signature,
+    band keys), tokens)."""
     cfg: DataConfig = _WORKER["cfg"]
     out = []
     cleaned = [clean(t, cfg.filters) for t in texts]
     for raw, text in zip(texts, cleaned):
         n_in = len(raw.encode("utf-8"))
-        failure = quality_failure(text, cfg.filters) if text else "empty"
+        # Words and their hashes once, for the repetition filters and MinHash alike.
+        words = text.split()
+        short = cfg.filters.min_words is not None and len(words) < cfg.filters.min_words
+        ids = None if short else word_hashes(words)  # a short document fails first anyway
+        failure = quality_failure(text, cfg.filters, words, ids) if text else "empty"
         if failure:
             out.append((n_in, failure, 0, None, None, None))
             continue
-        sig = minhash(text, cfg.dedup, _WORKER["perms"]) if cfg.dedup.near else None
+        sig = keys = None
+        if cfg.dedup.near:
+            sig = minhash(ids, cfg.dedup, _WORKER["perms"])
+            keys = band_keys(sig, cfg.dedup.bands)
         # Special-token strings inside a document are text, never control tokens.
         ids = _WORKER["enc"].encode(text, disallowed_special=())
-        tokens = np.array([_WORKER["eot"], *ids], dtype=np.uint32)
-        out.append((n_in, None, len(text.encode("utf-8")), exact_key(text), sig, tokens))
+        tokens = np.array([_WORKER["eot"], *ids], dtype=_WORKER["dtype"])  # the shards' dtype
+        out.append((n_in, None, len(text.encode("utf-8")), exact_key(text), (sig, keys), tokens))
     return out
 
 
@@ -308,10 +319,10 @@ def prepare(
                     continue
                 seen.add(short)
             if index is not None:
-                if index.find(sig) is not None:
+                if index.find(*sig) is not None:  # sig: (signature, band keys)
                     counts.remove("near_duplicate", n_in)
                     continue
-                index.add(sig)
+                index.add(*sig)
             counts.documents_kept += 1
             counts.bytes_kept += n_kept
             # Unless forced, the split follows from the text alone: stable across runs.
