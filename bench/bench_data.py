@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import results as results_file
 
 from scratchlm.data.builtin import iter_scenes
 from scratchlm.tokenizer import from_gpt2, tiktoken_gpt2
@@ -133,9 +134,7 @@ def main() -> None:
     removed = rows[-1]["manifest"]["removed"]
     print("\nRemoved from the 50 MB corpus: " + ", ".join(
         f"{k} {v['documents']:,}" for k, v in removed.items() if v["documents"]))
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "data.json").write_text(json.dumps(rows, indent=2))
+    results_file.save("data", rows)
 
 
 if __name__ == "__main__":

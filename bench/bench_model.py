@@ -10,10 +10,9 @@ Prints Markdown tables (pasted into the README) and writes bench/out/model.json.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
+import results as results_file
 import torch
 import transformers
 
@@ -113,9 +112,7 @@ def main() -> dict:
         print(f"| {name} | {r['scratchlm_cache']:,.0f} | {r['hf']:,.0f} | {r['ratio_hf']:.2f}× | "
               f"{r['scratchlm_no_cache']:,.0f} | {r['ratio_no_cache']:.2f}× | "
               f"{r['same_prefix']} of 256 |")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "model.json").write_text(json.dumps(results, indent=2))
+    results_file.save("model", results)
     return results
 
 

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import results as results_file
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model.n_layer=4", "--model.n_embd=256", "--model.n_head=8",
          "--model.block_size=256", "--train.micro_batch=4", "--train.global_batch_tokens=8192",
@@ -74,9 +76,7 @@ def main() -> None:
               f" | {held['weights'] / mb:.2f} MB | {held['gradients'] / mb:.2f} MB"
               f" | {held['optimizer'] / mb:.2f} MB | {held['peak'] / mb:,.0f} MB"
               f" | {r['final_train_loss']:.4f} |")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "parallel.json").write_text(json.dumps(results, indent=2))
+    results_file.save("parallel", results)
 
 
 if __name__ == "__main__":

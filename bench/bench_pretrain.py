@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import results as results_file
+
 from scratchlm.config import Config, load_config
 from scratchlm.train.pretrain import run_pretraining
 from scratchlm.utils import data_dir
@@ -73,9 +75,7 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| {g['parameters'] / 1e6:.1f}M | {g['tokens_per_s']:,.0f} | {g['mfu']:.1%} | "
           f"{g['peak_flops'] / 1e9:.0f} GFLOP/s |")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "pretrain.json").write_text(json.dumps(results, indent=2, default=str))
+    results_file.save("pretrain", results)
 
 
 if __name__ == "__main__":

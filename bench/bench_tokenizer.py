@@ -9,11 +9,11 @@ Prints a Markdown table (pasted into the README) and writes bench/out/tokenizer.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
 
+import results as results_file
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from scratchlm.tokenizer import GPT4_PATTERN, BPETokenizer, from_gpt2, tiktoken_gpt2
@@ -112,9 +112,7 @@ def main() -> dict:
         e = enc[name]
         print(f"| {name} | {e['scratch_mbs']:.1f} | {e['fast_mbs']:.1f} | "
               f"{e['fast_mbs'] / enc['tiktoken gpt2']:.2f}× | {e['hf_mbs']:.1f} |")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(rows, indent=2))
+    results_file.save("tokenizer", rows)
     return rows
 
 

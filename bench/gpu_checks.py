@@ -12,11 +12,11 @@ Prints Markdown; writes bench/out/gpu.json.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
 
+import results as results_file
 import torch
 
 from scratchlm.config import Config, load_config
@@ -125,9 +125,7 @@ def main() -> None:
     ratio = g["scratchlm"] / g["transformers"]
     print(f"\nGreedy generation, 256 tokens, gpt2-124m: scratchlm {g['scratchlm']:,.0f} tok/s, "
           f"transformers {g['transformers']:,.0f} tok/s ({ratio:.2f}×)")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(results, indent=2, default=str))
+    results_file.save("gpu", results)
 
 
 if __name__ == "__main__":

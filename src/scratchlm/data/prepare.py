@@ -102,7 +102,7 @@ def _process(texts: list[str]) -> list[tuple]:
         ids = None if short else word_hashes(words)  # a short document fails first anyway
         failure = quality_failure(text, cfg.filters, words, ids) if text else "empty"
         if failure:
-            out.append((n_in, failure, 0, None, None, None))
+            out.append((n_in, failure, 0, None, (None, None), None))
             continue
         sig = keys = None
         if cfg.dedup.near:
@@ -304,7 +304,7 @@ def prepare(
     t0 = time.perf_counter()
     bar = tqdm(desc="preparing", unit="doc", disable=not progress)
     for results in _results(_batches(docs, cfg.batch_docs, splits), tokenizer_dir, cfg):
-        for n_in, failure, n_kept, ekey, sig, tokens in results:
+        for n_in, failure, n_kept, ekey, (sig, band), tokens in results:
             forced_split = splits.popleft()
             docs_done += 1
             counts.documents_in += 1
@@ -319,10 +319,10 @@ def prepare(
                     continue
                 seen.add(short)
             if index is not None:
-                if index.find(*sig) is not None:  # sig: (signature, band keys)
+                if index.find(sig, band) is not None:
                     counts.remove("near_duplicate", n_in)
                     continue
-                index.add(*sig)
+                index.add(sig, band)
             counts.documents_kept += 1
             counts.bytes_kept += n_kept
             # Unless forced, the split follows from the text alone: stable across runs.

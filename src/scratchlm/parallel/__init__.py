@@ -95,7 +95,7 @@ def init_distributed(device: str, parallel, model) -> DistInfo:
                     parallel.dp, parallel.tp, parallel.pp)
 
 
-def parallelize(model, info: DistInfo, parallel, device: str, precision: str,
+def parallelize(model, info: DistInfo, parallel, device: str, compute_dtype: torch.dtype,
                 micro_batches: int):
     """Apply a layout to a plain model, in place: cut it to this rank's pipeline stage, split
     that over the tensor-parallel ranks, shard it over the data-parallel ones (ZeRO-2/3), each
@@ -104,7 +104,7 @@ def parallelize(model, info: DistInfo, parallel, device: str, precision: str,
     if info.pp > 1:
         from scratchlm.parallel.pipeline import cut_stage
 
-        if precision == "fp16":
+        if compute_dtype == torch.float16:
             raise ScratchError("fp16 loss scaling does not reach inside pipeline schedules; use "
                                "--train.precision=bf16 (or fp32) with parallel.pp")
         if parallel.pp_schedule == "1f1b" and micro_batches < info.pp:
@@ -120,8 +120,8 @@ def parallelize(model, info: DistInfo, parallel, device: str, precision: str,
     if info.dp > 1 and parallel.zero >= 2:
         from scratchlm.parallel.fsdp import apply_fsdp
 
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        apply_fsdp(model, info.mesh["dp"], parallel.zero, dtypes.get(precision))
+        apply_fsdp(model, info.mesh["dp"], parallel.zero,
+                   None if compute_dtype == torch.float32 else compute_dtype)
     if info.pp > 1:
         from scratchlm.parallel.pipeline import Pipeline
 
@@ -147,6 +147,16 @@ def print0(*args, **kwargs) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather_to_first(obj, group: dist.ProcessGroup | None = None) -> list:
+    """Every rank's picklable `obj`, in rank order, on the group's first rank ([] on the
+    others). A collective: every rank of the group must call it."""
+    group = group or dist.group.WORLD
+    first = dist.get_global_rank(group, 0)
+    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(obj, parts, dst=first, group=group)
+    return parts or []
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from scratchlm.parallel import gather_to_first
+
 
 def partition(sizes: list[int], world: int) -> list[int]:
     """The owner rank of each of `sizes` (elements per tensor), balancing elements per rank."""
@@ -72,9 +74,7 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
         names = {id(p): n for n, p in model.named_parameters()}
         mine = {names[id(p)]: {k: v.detach().cpu() for k, v in s.items()}
                 for p, s in self.local.state.items()}
-        parts = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
-        dist.gather_object(mine, parts, dst=dist.get_global_rank(self.group or dist.group.WORLD,
-                                                                 0), group=self.group)
+        parts = gather_to_first(mine, self.group)
         if self.rank != 0:
             return {}
         groups = [{**{k: v for k, v in g.items() if k != "params"},

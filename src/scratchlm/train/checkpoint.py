@@ -40,6 +40,7 @@ from scratchlm.errors import ScratchError
 from scratchlm.model.checkpoint import load_config as load_model_config
 from scratchlm.model.checkpoint import save_model
 from scratchlm.model.gpt import GPT
+from scratchlm.parallel import gather_to_first
 from scratchlm.parallel.zero1 import ZeroOneOptimizer
 from scratchlm.utils import atomic_write_text
 
@@ -62,14 +63,6 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on ra
 _WHOLE_HERE = StateDictOptions(full_state_dict=True)  # whole, on every rank
 
 
-def _gather_parts(part: dict, group: dist.ProcessGroup) -> list[dict]:
-    """Every rank's `part` on the group's first rank ([] on the others)."""
-    first = dist.get_global_rank(group, 0)
-    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
-    dist.gather_object(part, parts, dst=first, group=group)
-    return parts or []
-
-
 def gather_model_state(model: GPT, stage_group: dist.ProcessGroup | None = None) -> dict:
     """The whole model state dict on rank 0 (an empty dict elsewhere). A collective under
     FSDP, tensor or pipeline parallelism: every rank must call it. `stage_group` holds the
@@ -78,7 +71,7 @@ def gather_model_state(model: GPT, stage_group: dist.ProcessGroup | None = None)
         return get_model_state_dict(model, options=_FULL)
     part = {k: v.detach().cpu() for k, v in
             get_model_state_dict(model, options=_WHOLE_HERE).items()}
-    return {k: v for p in _gather_parts(part, stage_group) for k, v in p.items()}
+    return {k: v for p in gather_to_first(part, stage_group) for k, v in p.items()}
 
 
 def gather_state(model: GPT, opt: torch.optim.Optimizer,
@@ -89,7 +82,7 @@ def gather_state(model: GPT, opt: torch.optim.Optimizer,
         return model_state, opt.gather_state_dict(model)
     if stage_group is None:
         return model_state, get_optimizer_state_dict(model, opt, options=_FULL)
-    parts = _gather_parts(get_optimizer_state_dict(model, opt, options=_WHOLE_HERE),
+    parts = gather_to_first(get_optimizer_state_dict(model, opt, options=_WHOLE_HERE),
                           stage_group)
     if not parts:
         return model_state, {}

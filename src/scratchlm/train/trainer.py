@@ -87,8 +87,8 @@ class Trainer:
         self.n_params = model.num_params()
         self.flops_per_step = model.flops_per_token(block) * self.tokens_per_step
         # Pipeline stage, tensor-parallel split, FSDP shards: before the optimizer sees them.
-        self.pipeline = parallelize(model, info, cfg.parallel, self.device, self.precision,
-                                    self.accumulation)
+        self.pipeline = parallelize(model, info, cfg.parallel, self.device,
+                                    DTYPES[self.precision], self.accumulation)
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         if self.zero == 1:
             from scratchlm.parallel.zero1 import ZeroOneOptimizer
