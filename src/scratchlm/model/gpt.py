@@ -20,6 +20,13 @@ from scratchlm.model.config import ModelConfig
 from scratchlm.model.kv_cache import KVCache
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), in fp32 whatever the
+    compute dtype; targets of -100 are ignored."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=-100)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32 for stability."""
 
@@ -157,8 +164,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
+            loss = next_token_loss(logits, targets)
         return logits, loss
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from scratchlm.model.gpt import GPT
+from scratchlm.model.gpt import GPT, next_token_loss
 from scratchlm.parallel import DistInfo
 
 
@@ -51,26 +50,21 @@ class _Outputs(nn.Module):
         return self.model(x)[0]
 
 
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=-100)
-
-
 class Pipeline:
     def __init__(self, model: GPT, info: DistInfo, device: str, micro_batches: int,
                  schedule: str) -> None:
-        self.model, self.info, self.device = model, info, device
-        self.stage_index, self.stages = info.coord("pp"), info.pp
-        self.first, self.last = self.stage_index == 0, self.stage_index == self.stages - 1
+        self.model, self.device = model, device
+        stage, stages = info.coord("pp"), info.pp
+        self.first, self.last = stage == 0, stage == stages - 1
         self.group = info.group("pp")
         ranks = info.mesh.mesh  # (pp, dp, tp) global ranks
         here = (ranks == info.rank).nonzero()[0].tolist()
         self.prev = int(ranks[here[0] - 1, here[1], here[2]]) if not self.first else None
         self.next = int(ranks[here[0] + 1, here[1], here[2]]) if not self.last else None
-        self.stage = PipelineStage(_Outputs(model), self.stage_index, self.stages,
+        self.stage = PipelineStage(_Outputs(model), stage, stages,
                                    torch.device(device), group=self.group)
         make = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        self.schedule = make(self.stage, micro_batches, loss_fn=_loss)
+        self.schedule = make(self.stage, micro_batches, loss_fn=next_token_loss)
         # The tied embedding/head pair: a group of the first and last stage of each pipeline.
         self.tied, self.tie_group = None, None
         if model.config.tie_embeddings:
