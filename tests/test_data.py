@@ -173,16 +173,22 @@ def test_planted_near_duplicates_recall_and_precision(austen_paragraphs: list[st
     order = rng.permutation(len(docs))
     cfg = DedupConfig()
     perms = permutations(cfg)
-    index = NearDuplicateIndex(cfg)
-    kept_as: dict[int, int] = {}  # index slot -> doc
-    removed: dict[int, int] = {}  # doc -> the kept doc it duplicates
-    for d in order:
-        sig = minhash(docs[d], cfg, perms)
-        hit = index.find(sig)
-        if hit is None:
-            kept_as[index.add(sig)] = int(d)
-        else:
-            removed[int(d)] = kept_as[hit]
+    sigs = np.stack([minhash(docs[d], cfg, perms) for d in order])
+
+    def run(batch: int) -> dict[int, int]:
+        """doc -> the kept doc it duplicates, looking documents up `batch` at a time."""
+        index, kept, removed = NearDuplicateIndex(cfg), [], {}
+        for lo in range(0, len(order), batch):
+            for d, hit in zip(order[lo:lo + batch], index.dedup(sigs[lo:lo + batch])):
+                if hit < 0:
+                    kept.append(int(d))  # kept documents are numbered in order
+                else:
+                    removed[int(d)] = kept[hit]
+        assert index.size == len(kept)
+        return removed
+
+    removed = run(64)
+    assert run(1) == removed  # a batch looks up against itself as one-by-one lookups would
     pairs = [(c, b) for c, b in twin_of.items()]
     sims = {p: jaccard(docs[p[0]], docs[p[1]]) for p in pairs}
     high = [p for p in pairs if sims[p] > 0.9]

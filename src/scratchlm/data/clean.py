@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from itertools import filterfalse
@@ -18,7 +17,7 @@ from itertools import filterfalse
 import numpy as np
 import regex
 
-from scratchlm.data.dedup import word_hashes
+from scratchlm.data.dedup import Words, inside, ngram_keys
 
 BULLETS = ("•", "·", "-", "*", "‣", "◦", "–")
 ELLIPSES = ("...", "…")
@@ -99,64 +98,88 @@ def clean(text: str, cfg: FilterConfig) -> str:
     return drop_boilerplate(text, cfg.boilerplate)
 
 
-def _ngram_keys(ids: np.ndarray, up_to: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(n, a 64-bit key per word n-gram) for n = 1, 2, ... up_to: a polynomial hash of the word
-    ids that wraps around, each n's keys made from the last's in one step."""
-    keys = ids
-    for n in range(1, min(up_to, len(ids)) + 1):
-        if n > 1:
-            with np.errstate(over="ignore"):
-                keys = keys[:-1] * np.uint64(1_000_003) + ids[n - 1:]
-        yield n, keys
+def _runs(keys: np.ndarray, docs: np.ndarray, n_docs: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group equal (document, key) pairs: (the pairs' order, sorted by document then key;
+    where each group starts in that order; its length; its document)."""
+    # One sort of 64-bit values, the document in the top bits and the key's top bits below it
+    # (two different n-grams of a document share those by chance ~1 time in 2^40): a plain
+    # argsort of one array is several times faster than np.lexsort or a stable argsort.
+    shift = np.uint64(64 - max(1, (n_docs - 1).bit_length()))
+    packed = (docs.astype(np.uint64) << shift) | (keys >> (np.uint64(64) - shift))
+    order = np.argsort(packed)
+    ordered = packed[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    counts = np.diff(np.append(starts, len(order)))
+    return order, starts, counts, (ordered[starts] >> shift).astype(np.int64)
 
 
-def _run_lengths(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each run of equal values in a sorted array starts, and how long it is."""
-    starts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-    edges = np.concatenate(([0], starts, [len(ordered)]))
-    return edges[:-1], edges[1:] - edges[:-1]
+def _top_ngram_share(words: Words, n: int, pos: np.ndarray, keys: np.ndarray,
+                     doc_of: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """(documents,) share of word characters in each document's most frequent n-gram among
+    those starting at `pos` (0 when none occurs twice). Ties go to the smallest key."""
+    share = np.zeros(len(words))
+    if not len(pos):
+        return share
+    order, starts, counts, run_doc = _runs(keys, doc_of[pos], len(words))
+    # Per document, the first run (smallest key) of the largest count.
+    by_count = np.lexsort((np.arange(len(starts)), -counts, run_doc))
+    first = by_count[np.flatnonzero(np.diff(run_doc[by_count], prepend=-1) != 0)]
+    first = first[counts[first] > 1]
+    where = np.minimum.reduceat(pos[order], starts)[first]  # its first occurrence
+    cum = np.concatenate(([0], np.cumsum(words.lengths)))
+    chars = cum[where + n] - cum[where]
+    share[run_doc[first]] = chars * counts[first] / total[run_doc[first]]
+    return share
 
 
-def _ngram_failure(words: list[str], ids: np.ndarray, cfg: FilterConfig) -> str | None:
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    total = lengths.sum()
+def _dup_ngram_share(words: Words, n: int, pos: np.ndarray, keys: np.ndarray,
+                     doc_of: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """(documents,) share of word characters covered by n-grams, among those starting at
+    `pos`, that occur twice or more in their document."""
+    if not len(pos):
+        return np.zeros(len(words))
+    order, _, counts, _ = _runs(keys, doc_of[pos], len(words))
+    repeated = pos[order[np.repeat(counts > 1, counts)]]  # n-grams occurring twice or more
+    covered = np.zeros(len(words.ids), dtype=bool)
+    for k in range(n):  # mark every word of each repeated n-gram
+        covered[repeated + k] = True
+    chars = np.bincount(doc_of[covered], weights=words.lengths[covered], minlength=len(words))
+    return chars / total
+
+
+def _repetition_failures(words: Words, cfg: FilterConfig) -> list[str | None]:
+    """The Gopher repetition rules over a batch of documents at once: for each, the first of
+    top_2gram .. top_4gram, dup_5gram .. dup_10gram it fails, or None."""
     top_limits = dict(zip((2, 3, 4), cfg.max_top_ngram_chars or ()))
     dup_limits = dict(zip(range(5, 11), cfg.max_dup_ngram_chars or ()))
-    for n, keys in _ngram_keys(ids, max([*top_limits, *dup_limits], default=0)):
-        if n in top_limits:
-            ordered = np.sort(keys)
-            run_starts, counts = _run_lengths(ordered)
-            top = counts.argmax()
-            if counts[top] > 1:
-                first = int(np.argmax(keys == ordered[run_starts[top]]))  # one occurrence
-                if lengths[first:first + n].sum() * counts[top] / total > top_limits[n]:
-                    return f"top_{n}gram"
-        elif n in dup_limits:
-            order = np.argsort(keys)
-            same = keys[order[1:]] == keys[order[:-1]]  # equal neighbours in sorted order
-            repeated = np.zeros(len(keys), dtype=bool)
-            repeated[1:] |= same
-            repeated[:-1] |= same
-            starts = order[repeated]  # n-grams that occur twice or more
-            covered = np.zeros(len(words), dtype=bool)
-            for k in range(n):  # mark every word of each repeated n-gram
-                covered[starts + k] = True
-            share = lengths[covered].sum() / total
-            if share > dup_limits[n]:
-                return f"dup_{n}gram"
+    failures: list[str | None] = [None] * len(words)
+    doc_of = words.doc_of()
+    total = np.maximum(np.bincount(doc_of, weights=words.lengths, minlength=len(words)), 1)
+    active = np.ones(len(words), dtype=bool)  # documents not yet decided
+    for n, keys in ngram_keys(words.ids, max([*top_limits, *dup_limits], default=0)):
+        if n not in top_limits and n not in dup_limits:
+            continue
+        pos = np.flatnonzero(inside(words, n) & active[doc_of[:len(keys)]])
+        share_of = _top_ngram_share if n in top_limits else _dup_ngram_share
+        share = share_of(words, n, pos, keys[pos], doc_of, total)
+        limit = top_limits.get(n, dup_limits.get(n))
+        for d in np.flatnonzero(active & (share > limit)).tolist():
+            failures[d] = f"top_{n}gram" if n in top_limits else f"dup_{n}gram"
+        active &= share <= limit
+        if n in dup_limits:
             # Every word of a repeated longer n-gram lies in a repeated 5-gram, so the shares
             # only fall as n grows: below every remaining limit, no longer n can fail.
-            if share <= min(dup_limits.values()):
-                return None
-    return None
+            active &= share > min(dup_limits.values())
+        if not active.any():
+            break
+    return failures
 
 
-def quality_failure(text: str, cfg: FilterConfig, words: list[str] | None = None,
-                    ids: np.ndarray | None = None) -> str | None:
-    """The name of the first quality filter `text` fails, or None if it passes them all.
-    `words` (text.split()) and `ids` (their `word_hashes`: repetition is counted over
-    lower-cased words) may be passed by a caller that needs them too."""
-    words = text.split() if words is None else words
+def _simple_failure(text: str, words: list[str], cfg: FilterConfig) -> str | None:
+    """The first of the filters other than the repetition rules that `text` fails."""
+    if not text:
+        return "empty"
     n = len(words)
     if cfg.min_words is not None and n < cfg.min_words:
         return "min_words"
@@ -193,12 +216,32 @@ def quality_failure(text: str, cfg: FilterConfig, words: list[str] | None = None
         dup_chars = sum(len(ln) * c for ln, c in counts.items() if c > 1)
         if dup_chars / sum(map(len, lines)) > cfg.max_duplicate_line_chars:
             return "duplicate_lines"
-    return _ngram_failure(words, word_hashes(words) if ids is None else ids, cfg)
+    return None
+
+
+def quality_failures(texts: list[str], cfg: FilterConfig, split: list[list[str]] | None = None,
+                     words: Words | None = None) -> list[str | None]:
+    """For each text, the name of the first filter it fails ("empty" for no text at all), or
+    None if it passes them all. A caller that has them passes `split` ([t.split() for t in
+    texts]) and `words` (`Words.of(texts)`)."""
+    split = [t.split() for t in texts] if split is None else split
+    failures = [_simple_failure(t, w, cfg) for t, w in zip(texts, split)]
+    todo = np.array([i for i, f in enumerate(failures) if f is None], dtype=np.int64)
+    if len(todo) and (cfg.max_top_ngram_chars or cfg.max_dup_ngram_chars):
+        words = Words.of(texts, split) if words is None else words
+        for i, failure in zip(todo.tolist(), _repetition_failures(words.select(todo), cfg)):
+            failures[i] = failure
+    return failures
+
+
+def quality_failure(text: str, cfg: FilterConfig) -> str | None:
+    """The first filter one text fails, or None."""
+    return quality_failures([text], cfg)[0]
 
 
 def filter_names(cfg: FilterConfig) -> list[str]:
     """Every name `quality_failure` can return for this config, for zeroed report tables."""
-    names = ["min_words", "max_words", "mean_word_length", "symbol_ratio", "bullet_lines",
+    names = ["empty", "min_words", "max_words", "mean_word_length", "symbol_ratio", "bullet_lines",
              "ellipsis_lines", "alpha_words", "duplicate_lines"]
     names += [f"top_{n}gram" for n in (2, 3, 4)[:len(cfg.max_top_ngram_chars or ())]]
     names += [f"dup_{n}gram" for n in range(5, 11)[:len(cfg.max_dup_ngram_chars or ())]]

@@ -23,15 +23,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from scratchlm.data.clean import FilterConfig, clean, filter_names, quality_failure
+from scratchlm.data.clean import FilterConfig, clean, filter_names, quality_failures
 from scratchlm.data.dedup import (
     DedupConfig,
     NearDuplicateIndex,
+    SortedRuns,
+    Words,
     band_keys,
     exact_key,
-    minhash,
+    minhash_batch,
     permutations,
-    word_hashes,
 )
 from scratchlm.data.readers import iter_documents
 from scratchlm.data.shards import ShardFile, token_dtype
@@ -41,6 +42,7 @@ from scratchlm.utils import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
 STATE = ".prepare_state.npz"
+SIGNATURES = ".prepare_signatures.u16"  # the near-duplicate index's, see NearDuplicateIndex
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DataConfig:
     workers: int = 0
     """Worker processes for cleaning, filtering and tokenizing (0 = one per CPU core; 1 = all
     in this process)."""
-    batch_docs: int = 64
+    batch_docs: int = 256
     """Documents per task sent to a worker."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Clean-up and quality filters."""
@@ -88,31 +90,52 @@ def _init_worker(tokenizer_dir: str, cfg: DataConfig) -> None:
                    dtype=token_dtype(tok.vocab_size))
 
 
-def _process(texts: list[str]) -> list[tuple]:
-    """Per document: (bytes in, failure or None, bytes kept, exact key, (MinHash signature,
-    band keys), tokens)."""
+@dataclass
+class Processed:
+    """A batch of documents after a worker: all the main process needs, a few arrays per batch
+    rather than objects per document (which would cost more to send than to compute)."""
+
+    bytes_in: list[int]
+    failures: list[str | None]
+    """The first filter each document fails, or None: the k documents that pass follow."""
+    bytes_kept: list[int]  # (k,)
+    exact: np.ndarray  # (k,) uint64 exact-duplicate keys
+    signatures: np.ndarray  # (k, num_perm) uint16 (low bits of MinHash; (k, 0) if near is off)
+    band_keys: np.ndarray  # (k, bands) uint64
+    tokens: np.ndarray  # every passing document's tokens, each led by <|endoftext|>
+    token_bounds: np.ndarray  # (k + 1,) where each document's tokens start
+
+
+def _encode(text: str) -> np.ndarray:
+    enc = _WORKER["enc"]
+    try:  # straight into an array, no Python list; special-token strings are text here
+        return enc.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates: encode() repairs them
+        return np.array(enc.encode(text, disallowed_special=()), dtype=np.uint32)
+
+
+def _process(texts: list[str]) -> Processed:
     cfg: DataConfig = _WORKER["cfg"]
-    out = []
     cleaned = [clean(t, cfg.filters) for t in texts]
-    for raw, text in zip(texts, cleaned):
-        n_in = len(raw.encode("utf-8"))
-        # Words and their hashes once, for the repetition filters and MinHash alike.
-        words = text.split()
-        short = cfg.filters.min_words is not None and len(words) < cfg.filters.min_words
-        ids = None if short else word_hashes(words)  # a short document fails first anyway
-        failure = quality_failure(text, cfg.filters, words, ids) if text else "empty"
-        if failure:
-            out.append((n_in, failure, 0, None, (None, None), None))
-            continue
-        sig = keys = None
-        if cfg.dedup.near:
-            sig = minhash(ids, cfg.dedup, _WORKER["perms"])
-            keys = band_keys(sig, cfg.dedup.bands)
-        # Special-token strings inside a document are text, never control tokens.
-        ids = _WORKER["enc"].encode(text, disallowed_special=())
-        tokens = np.array([_WORKER["eot"], *ids], dtype=_WORKER["dtype"])  # the shards' dtype
-        out.append((n_in, None, len(text.encode("utf-8")), exact_key(text), (sig, keys), tokens))
-    return out
+    split = [t.split() for t in cleaned]
+    words = Words.of(cleaned, split)  # hashed once, for the repetition filters and MinHash
+    failures = quality_failures(cleaned, cfg.filters, split, words)
+    passed = np.array([i for i, f in enumerate(failures) if f is None], dtype=np.int64)
+    kept = [cleaned[i] for i in passed.tolist()]
+    sigs = np.zeros((len(kept), 0), np.uint16)
+    keys = np.zeros((len(kept), 0), np.uint64)
+    if cfg.dedup.near and kept:
+        sigs = minhash_batch(words.select(passed), cfg.dedup, _WORKER["perms"]).astype(np.uint16)
+        keys = band_keys(sigs, cfg.dedup.bands)
+    eot = np.array([_WORKER["eot"]], dtype=np.uint32)
+    encoded = [_encode(t) for t in kept]
+    bounds = np.concatenate(([0], np.cumsum([len(x) + 1 for x in encoded], dtype=np.int64)))
+    tokens = np.concatenate([part for x in encoded for part in (eot, x)] or [eot[:0]],
+                            dtype=_WORKER["dtype"], casting="unsafe")  # ids fit: token_dtype
+    return Processed(bytes_in=[len(t.encode("utf-8")) for t in texts], failures=failures,
+                     bytes_kept=[len(t.encode("utf-8")) for t in kept],
+                     exact=np.fromiter(map(exact_key, kept), np.uint64, len(kept)),
+                     signatures=sigs, band_keys=keys, tokens=tokens, token_bounds=bounds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,14 +222,23 @@ def _run_key(inputs: list[str], tokenizer_fp: str, cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _save_state(out: Path, key: str, docs_done: int, counts: Counts, seen: set[int],
-                index: NearDuplicateIndex | None, writers: dict[str, ShardWriter]) -> None:
+def _save_state(out: Path, key: str, docs_done: int, counts: Counts, seen: SortedRuns,
+                signatures: int, writers: dict[str, ShardWriter]) -> None:
+    """Progress up to input document `docs_done`: the exact keys of the documents before it
+    (`seen` may hold later ones, from the rest of a batch) and how many signatures of
+    SIGNATURES are theirs."""
+    keys, docs = seen.items()
+    mine = docs < docs_done
     meta = {"key": key, "docs_done": docs_done, "counts": asdict(counts),
-            "writers": {s: w.state() for s, w in writers.items()}}
+            "signatures": signatures, "writers": {s: w.state() for s, w in writers.items()}}
     with atomic_path(out / STATE) as tmp, open(tmp, "wb") as f:
         np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                 seen=np.fromiter(seen, dtype=np.uint64, count=len(seen)),
-                 signatures=index.state() if index else np.zeros((0, 0), np.uint32))
+                 seen=keys[mine], seen_docs=docs[mine])
+
+
+def _remove_state(out: Path) -> None:
+    (out / STATE).unlink(missing_ok=True)
+    (out / SIGNATURES).unlink(missing_ok=True)
 
 
 def _load_state(out: Path, key: str) -> dict | None:
@@ -218,8 +250,8 @@ def _load_state(out: Path, key: str) -> dict | None:
         if meta["key"] != key:
             raise ScratchError(f"{out} holds an unfinished run with other inputs, tokenizer or "
                                "settings; use another --out or delete that directory")
-        meta["seen"] = set(z["seen"].tolist())
-        meta["signatures"] = z["signatures"]
+        meta["seen"] = SortedRuns()
+        meta["seen"].add(z["seen"], z["seen_docs"])
     return meta
 
 
@@ -233,7 +265,7 @@ def _batches(docs: Iterator[tuple[str, str | None]], size: int,
 
 
 def _results(batches: Iterator[list[str]], tokenizer_dir: Path, cfg: DataConfig
-             ) -> Iterator[list[tuple]]:
+             ) -> Iterator[Processed]:
     """Worker results in input order: a process pool, or this process when workers == 1."""
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1:
@@ -276,11 +308,11 @@ def prepare(
     state = _load_state(out, key)
 
     counts = Counts(**state["counts"]) if state else Counts()
-    seen: set[int] = state["seen"] if state else set()  # 64 bits of each exact key
+    seen = state["seen"] if state else SortedRuns()  # exact keys -> input document number
     index = None
     if cfg.dedup.near:
-        index = NearDuplicateIndex.from_state(cfg.dedup, state["signatures"]) if state \
-            else NearDuplicateIndex(cfg.dedup)
+        index = NearDuplicateIndex(cfg.dedup, out / SIGNATURES, state["signatures"] if state
+                                   else 0)
     writers = {s: ShardWriter(out, s, cfg.shard_tokens, tok.vocab_size) for s in ("train", "val")}
     docs_done = 0
     if state:
@@ -303,8 +335,24 @@ def prepare(
     splits: collections.deque = collections.deque()
     t0 = time.perf_counter()
     bar = tqdm(desc="preparing", unit="doc", disable=not progress)
-    for results in _results(_batches(docs, cfg.batch_docs, splits), tokenizer_dir, cfg):
-        for n_in, failure, n_kept, ekey, (sig, band), tokens in results:
+    for batch in _results(_batches(docs, cfg.batch_docs, splits), tokenizer_dir, cfg):
+        # Dedup the batch's passing documents at once, in input order.
+        numbers = docs_done + np.flatnonzero([f is None for f in batch.failures])
+        exact_dup = np.zeros(len(numbers), dtype=bool)
+        if cfg.dedup.exact:
+            first = np.zeros(len(numbers), dtype=bool)
+            first[np.unique(batch.exact, return_index=True)[1]] = True
+            exact_dup = ~first | seen.contains(batch.exact)
+            seen.add(batch.exact[~exact_dup], numbers[~exact_dup])
+        near_dup = np.zeros(len(numbers), dtype=bool)
+        signatures = np.zeros(len(numbers) + 1, dtype=np.int64)  # index size after each one
+        if index is not None:
+            signatures += index.size
+            near_dup[~exact_dup] = index.dedup(batch.signatures[~exact_dup],
+                                               batch.band_keys[~exact_dup]) >= 0
+            signatures[1:] += np.cumsum(~exact_dup & ~near_dup)
+        passed = 0
+        for n_in, failure in zip(batch.bytes_in, batch.failures):
             forced_split = splits.popleft()
             docs_done += 1
             counts.documents_in += 1
@@ -312,32 +360,28 @@ def prepare(
             if failure:
                 counts.remove(failure, n_in)
                 continue
-            if cfg.dedup.exact:
-                short = int.from_bytes(ekey[:8], "little")
-                if short in seen:
-                    counts.remove("exact_duplicate", n_in)
-                    continue
-                seen.add(short)
-            if index is not None:
-                if index.find(sig, band) is not None:
-                    counts.remove("near_duplicate", n_in)
-                    continue
-                index.add(sig, band)
+            j, passed = passed, passed + 1
+            if exact_dup[j] or near_dup[j]:
+                counts.remove("exact_duplicate" if exact_dup[j] else "near_duplicate", n_in)
+                continue
             counts.documents_kept += 1
-            counts.bytes_kept += n_kept
+            counts.bytes_kept += batch.bytes_kept[j]
             # Unless forced, the split follows from the text alone: stable across runs.
-            split = forced_split or ("val" if int.from_bytes(ekey[:4], "little") % 1_000_000
+            split = forced_split or ("val" if int(batch.exact[j]) % 1_000_000
                                      < cfg.val_fraction * 1_000_000 else "train")
+            tokens = batch.tokens[batch.token_bounds[j]:batch.token_bounds[j + 1]]
             counts.tokens[split] += len(tokens)
             if writers[split].add(tokens):
-                _save_state(out, key, docs_done, counts, seen, index, writers)
-        bar.update(len(results))
+                _save_state(out, key, docs_done, counts, seen, int(signatures[j + 1]), writers)
+        bar.update(len(batch.failures))
         bar.set_postfix(MB=f"{counts.bytes_in / 1e6:.1f}", kept=counts.documents_kept)
     bar.close()
+    if index is not None:
+        index.close()
     if counts.documents_kept == 0:
         for w in writers.values():
             w.close()  # nothing was written: only empty partial files to remove
-        (out / STATE).unlink(missing_ok=True)
+        _remove_state(out)
         raise ScratchError("no text left after cleaning, filtering and dedup; check the inputs "
                            "or loosen data.filters (e.g. --data.filters.min_words=5)")
     for w in writers.values():
@@ -349,7 +393,7 @@ def prepare(
         "tokens": counts.tokens["train"] + counts.tokens["val"],
         "tokens_train": counts.tokens["train"], "tokens_val": counts.tokens["val"],
         "removed": {name: counts.removed.get(name, {"documents": 0, "bytes": 0})
-                    for name in ["empty", *filter_names(cfg.filters), "exact_duplicate",
+                    for name in [*filter_names(cfg.filters), "exact_duplicate",
                                  "near_duplicate"]},
         "shards": writers["train"].shards + writers["val"].shards,
         "tokenizer": {"vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
@@ -359,7 +403,7 @@ def prepare(
         "config": asdict(cfg),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
-    (out / STATE).unlink(missing_ok=True)
+    _remove_state(out)
     return manifest
 
 
