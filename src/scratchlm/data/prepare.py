@@ -108,7 +108,7 @@ class Processed:
 
 def _encode(text: str) -> np.ndarray:
     enc = _WORKER["enc"]
-    try:  # straight into an array, no Python list; special-token strings are text here
+    try:  # straight into an array, no Python list (tiktoken 0.9+); special tokens are text here
         return enc.encode_to_numpy(text, disallowed_special=())
     except UnicodeEncodeError:  # lone surrogates: encode() repairs them
         return np.array(enc.encode(text, disallowed_special=()), dtype=np.uint32)
