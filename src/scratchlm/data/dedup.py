@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 
@@ -66,14 +69,21 @@ class Words:
     bounds: np.ndarray  # (documents + 1,) int64
 
     @classmethod
-    def of(cls, texts: list[str], split: list[list[str]] | None = None) -> Words:
-        """The words of `texts`; `split` is [t.split() for t in texts], if the caller has it."""
+    def of(cls, texts: list[str], split: list[list[str]] | None = None,
+           normalized: bool = False) -> Words:
+        """The words of `texts`; `split` is [t.split() for t in texts], if the caller has it.
+        `normalized`: the texts' only whitespace is " " and newlines (as after clean-up)."""
         split = [t.split() for t in texts] if split is None else split
         counts = list(map(len, split))
         total = sum(counts)
-        # Lower-casing a text changes no whitespace, so its words are the lower-cased words.
-        lowered = chain.from_iterable(t.lower().split() for t in texts)
-        ids = np.fromiter(map(zlib.crc32, map(str.encode, lowered)), np.uint64, total)
+        # Lower-casing changes no whitespace, so a text's words are its lower-cased words.
+        if normalized:  # then bytes.split() splits where str.split() does: the whole batch
+            lowered = "\n".join(texts).lower().encode("utf-8", "surrogatepass").split()
+            assert len(lowered) == total, "Words.of: the texts hold other whitespace"
+        else:
+            lowered = map(partial(str.encode, encoding="utf-8", errors="surrogatepass"),
+                          chain.from_iterable(t.lower().split() for t in texts))
+        ids = np.fromiter(map(zlib.crc32, lowered), np.uint64, total)
         lengths = np.fromiter(map(len, chain.from_iterable(split)), np.int64, total)
         return cls(ids, lengths, np.concatenate(([0], np.cumsum(counts, dtype=np.int64))))
 
@@ -200,13 +210,19 @@ def band_keys(sigs: np.ndarray, bands: int) -> np.ndarray:
 
 class SortedRuns:
     """A growing multiset of uint64 keys, each with an int64 value, looked up a batch at a time:
-    a few sorted numpy arrays ("runs") searched by bisection. A batch becomes a new run; two
+    a few sorted arrays ("runs") searched by bisection. A batch becomes a new run; two
     neighbouring runs merge when the older is at most twice the newer, so there are O(log n)
-    runs and each key is copied O(log n) times (a log-structured merge). 16 bytes a key, against
-    ~100 in a dict."""
+    runs and each key is copied O(log n) times (a log-structured merge). Runs of more than
+    `in_memory` keys are merged chunk by chunk into files under `spill` and memory-mapped, so
+    the memory a process allocates stays bounded however many keys there are (the kernel keeps
+    the files' pages cached as memory allows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spill: Path | None = None, in_memory: int = 1 << 18) -> None:
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (keys sorted, values)
+        self.spill, self.in_memory, self.files = spill, in_memory, 0
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)  # runs of an interrupted process
+            spill.mkdir(parents=True)
 
     def __len__(self) -> int:
         return sum(len(k) for k, _ in self.runs)
@@ -214,46 +230,69 @@ class SortedRuns:
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every stored (key, value) whose key is among `keys`: (positions in `keys`,
         values)."""
+        order = np.argsort(keys)  # numpy's bisection is several times faster on sorted keys
+        ordered = keys[order]
         where, values = [], []
         for run, vals in self.runs:
-            lo = np.searchsorted(run, keys, "left")
-            hi = np.searchsorted(run, keys, "right")
-            hit = np.flatnonzero(hi > lo)
-            for i in hit.tolist():  # hits are rare; a key usually occurs once
-                where += [i] * int(hi[i] - lo[i])
-                values += vals[lo[i]:hi[i]].tolist()
+            lo = np.searchsorted(run, ordered)
+            for i in np.flatnonzero(run[np.minimum(lo, len(run) - 1)] == ordered).tolist():
+                hi = lo[i]  # hits are rare, and a key usually occurs once in a run
+                while hi < len(run) and run[hi] == ordered[i]:
+                    where.append(int(order[i]))
+                    values.append(int(vals[hi]))
+                    hi += 1
         return np.array(where, dtype=np.int64), np.array(values, dtype=np.int64)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
+        order = np.argsort(keys)
+        ordered = keys[order]
         found = np.zeros(len(keys), dtype=bool)
         for run, _ in self.runs:
-            pos = np.minimum(np.searchsorted(run, keys), len(run) - 1)
-            found |= run[pos] == keys
+            found[order] |= run[np.minimum(np.searchsorted(run, ordered), len(run) - 1)] == ordered
         return found
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
         if not len(keys):
             return
         order = np.argsort(keys, kind="stable")
-        self.runs.append((keys[order], values[order]))
+        self.runs.append((keys[order], values[order].astype(np.int64)))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
             newer = self.runs.pop()
-            self.runs[-1] = _merge(self.runs[-1], newer)
+            self.runs[-1] = self._merge(self.runs[-1], newer)
 
-    def items(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self.runs:
-            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-        return (np.concatenate([k for k, _ in self.runs]),
-                np.concatenate([v for _, v in self.runs]))
+    def _merge(self, older: tuple[np.ndarray, np.ndarray], newer: tuple[np.ndarray, np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        if self.spill is None or len(older[0]) + len(newer[0]) <= self.in_memory:
+            return _merge(older, newer)
+        (ka, va), (kb, vb) = older, newer
+        stem = self.spill / f"run{self.files}"
+        self.files += 1
+        with open(f"{stem}.keys", "wb") as fk, open(f"{stem}.values", "wb") as fv:
+            b = 0
+            for a in range(0, len(ka), 1 << 16):  # a chunk of the older run at a time ...
+                chunk = ka[a:a + (1 << 16)]
+                # ... with the newer run's keys up to its last (all that are left at the end)
+                end = len(kb) if a + len(chunk) == len(ka) else int(
+                    np.searchsorted(kb, chunk[-1], "right"))
+                keys, values = _merge((chunk, va[a:a + len(chunk)]), (kb[b:end], vb[b:end]))
+                keys.tofile(fk)
+                values.tofile(fv)
+                b = end
+        for run in (older, newer):
+            if isinstance(run[0], np.memmap):
+                os.unlink(run[0].filename)
+                os.unlink(run[1].filename)
+        return (np.memmap(f"{stem}.keys", np.uint64, "r"),
+                np.memmap(f"{stem}.values", np.int64, "r"))
 
 
 def _merge(older: tuple[np.ndarray, np.ndarray], newer: tuple[np.ndarray, np.ndarray]
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Two sorted runs as one; equal keys keep the older run's first (in insertion order)."""
+    """Two sorted runs as one, in memory."""
     (ka, va), (kb, vb) = older, newer
     pos = np.searchsorted(ka, kb, "right") + np.arange(len(kb))  # kb's places in the result
-    keys = np.empty(len(ka) + len(kb), dtype=ka.dtype)
-    values = np.empty(len(keys), dtype=va.dtype)
+    keys = np.empty(len(ka) + len(kb), dtype=np.uint64)
+    values = np.empty(len(keys), dtype=np.int64)
     from_b = np.zeros(len(keys), dtype=bool)
     from_b[pos] = True
     keys[pos], values[pos] = kb, vb
@@ -261,35 +300,93 @@ def _merge(older: tuple[np.ndarray, np.ndarray], newer: tuple[np.ndarray, np.nda
     return keys, values
 
 
-class NearDuplicateIndex:
-    """The kept documents' signatures and band keys. Signatures (their low 16 bits: two
-    different values then agree by chance 1 time in 65,536 per position, which moves an
-    estimated similarity by ~1e-5) go to a file, read back only to confirm a candidate, so
-    memory holds just the band keys (`SortedRuns`, 16 bytes each, `bands` a document)."""
+class _Log:
+    """An append-only file of fixed-size records (what an index needs to rebuild itself when
+    a run resumes): `keep` > 0 reopens one and drops what follows its first `keep` records."""
 
-    def __init__(self, cfg: DedupConfig, path: str | os.PathLike | None = None,
+    def __init__(self, path: str | os.PathLike | None, dtype: np.dtype, width: int,
                  keep: int = 0) -> None:
-        """Signatures go to `path` (an anonymous temporary file if None); keep > 0 reopens an
-        existing file and rebuilds the index from its first `keep` signatures."""
-        if cfg.num_perm % cfg.bands:
-            raise ValueError(f"bands ({cfg.bands}) must divide num_perm ({cfg.num_perm})")
-        self.cfg = cfg
-        self.row = cfg.num_perm * 2  # bytes per stored signature
+        self.dtype, self.width = np.dtype(dtype), width
+        self.row = self.dtype.itemsize * width
         if path is None:
             self.file = tempfile.TemporaryFile()
         else:
             self.file = open(path, "r+b" if keep else "w+b")
             self.file.truncate(keep * self.row)
-        self.size = 0
-        self.bands = SortedRuns()
-        for lo in range(0, keep, 1 << 14):
-            self.file.seek(lo * self.row)
-            sigs = np.frombuffer(self.file.read(min(1 << 14, keep - lo) * self.row), np.uint16)
-            self._append(sigs.reshape(-1, cfg.num_perm), write=False)
-        self.file.seek(0, os.SEEK_END)
+        self.size = keep
 
-    def signature(self, doc: int) -> np.ndarray:
-        return np.frombuffer(os.pread(self.file.fileno(), self.row, doc * self.row), np.uint16)
+    def chunks(self, rows: int = 1 << 14) -> Iterator[np.ndarray]:
+        for lo in range(0, self.size, rows):
+            n = min(rows, self.size - lo)
+            yield np.frombuffer(os.pread(self.file.fileno(), n * self.row, lo * self.row),
+                                self.dtype).reshape(n, self.width)
+
+    def read(self, i: int) -> np.ndarray:
+        return np.frombuffer(os.pread(self.file.fileno(), self.row, i * self.row), self.dtype)
+
+    def append(self, rows: np.ndarray) -> None:
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.file.flush()
+        self.size += len(rows)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ExactIndex:
+    """The exact-duplicate keys seen so far: (key, input document number) records in a log,
+    and the keys in `SortedRuns` for lookups."""
+
+    def __init__(self, path: str | os.PathLike | None = None, keep: int = 0,
+                 spill: Path | None = None) -> None:
+        self.log = _Log(path, np.uint64, 2, keep)
+        self.keys = SortedRuns(spill)
+        for rows in self.log.chunks():
+            self.keys.add(rows[:, 0].copy(), rows[:, 1].astype(np.int64))
+
+    @property
+    def size(self) -> int:
+        return self.log.size
+
+    def dedup(self, keys: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+        """(batch,) bool: which of a batch of keys (of input documents `numbers`) were seen,
+        before or earlier in the batch; adds the others."""
+        first = np.zeros(len(keys), dtype=bool)
+        first[np.unique(keys, return_index=True)[1]] = True
+        seen = ~first | self.keys.contains(keys)
+        self.keys.add(keys[~seen], numbers[~seen])
+        self.log.append(np.stack([keys[~seen], numbers[~seen].astype(np.uint64)], axis=1))
+        return seen
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class NearDuplicateIndex:
+    """The kept documents' signatures and band keys. Signatures (their low 16 bits: two
+    different values then agree by chance 1 time in 65,536 per position, which moves an
+    estimated similarity by ~1e-5) go to a log file, read back only to confirm a candidate;
+    band keys go to `SortedRuns` (`bands` a document)."""
+
+    def __init__(self, cfg: DedupConfig, path: str | os.PathLike | None = None,
+                 keep: int = 0, spill: Path | None = None) -> None:
+        """Signatures go to `path` (an anonymous temporary file if None); keep > 0 reopens an
+        existing file and rebuilds the index from its first `keep` signatures. Band keys
+        beyond what memory holds go to files under `spill` (None: all in memory)."""
+        if cfg.num_perm % cfg.bands:
+            raise ValueError(f"bands ({cfg.bands}) must divide num_perm ({cfg.num_perm})")
+        self.cfg = cfg
+        self.log = _Log(path, np.uint16, cfg.num_perm, keep)
+        self.bands = SortedRuns(spill)
+        start = 0
+        for sigs in self.log.chunks():
+            self._add_keys(start, band_keys(sigs, cfg.bands))
+            start += len(sigs)
+
+    @property
+    def size(self) -> int:
+        return self.log.size
 
     def dedup(self, sigs: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
         """Look up a batch of signatures in input order, each against the kept documents and the
@@ -318,24 +415,19 @@ class NearDuplicateIndex:
             kept_before = np.cumsum(result[:i] < 0) - 1 + self.size  # (i,) their numbers
             mine = {int(kept_before[j]): j for j in earlier.get(i, []) if result[j] < 0}
             for doc in sorted(set(candidates.get(i, [])) | mine.keys()):
-                other = sigs[mine[doc]] if doc in mine else self.signature(doc)
+                other = sigs[mine[doc]] if doc in mine else self.log.read(doc)
                 if np.mean(other == sigs[i]) >= self.cfg.threshold:
                     result[i] = doc
                     break
         kept = result < 0
-        self._append(sigs[kept], keys[kept])
+        self._add_keys(self.size, keys[kept])
+        self.log.append(sigs[kept])
         return result
 
-    def _append(self, sigs: np.ndarray, keys: np.ndarray | None = None,
-                write: bool = True) -> None:
-        keys = band_keys(sigs, self.cfg.bands) if keys is None else keys
-        docs = np.repeat(np.arange(self.size, self.size + len(sigs)), keys.shape[1])
-        self.bands.add(keys.ravel(), docs)
-        if write:
-            self.file.write(np.ascontiguousarray(sigs, dtype=np.uint16).tobytes())
-            self.file.flush()
-        self.size += len(sigs)
+    def _add_keys(self, start: int, keys: np.ndarray) -> None:
+        """The band keys of documents start, start + 1, ..."""
+        self.bands.add(keys.ravel(), np.repeat(np.arange(start, start + len(keys)),
+                                               keys.shape[1]))
 
     def close(self) -> None:
-        self.file.close()
-
+        self.log.close()

@@ -15,6 +15,8 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,8 +28,8 @@ from tqdm.auto import tqdm
 from scratchlm.data.clean import FilterConfig, clean, filter_names, quality_failures
 from scratchlm.data.dedup import (
     DedupConfig,
+    ExactIndex,
     NearDuplicateIndex,
-    SortedRuns,
     Words,
     band_keys,
     exact_key,
@@ -38,11 +40,14 @@ from scratchlm.data.readers import iter_documents
 from scratchlm.data.shards import ShardFile, token_dtype
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
-from scratchlm.utils import atomic_path, atomic_write_text
+from scratchlm.utils import atomic_write_text
 
 MANIFEST = "manifest.json"
-STATE = ".prepare_state.npz"
-SIGNATURES = ".prepare_signatures.u16"  # the near-duplicate index's, see NearDuplicateIndex
+# While a run is unfinished: its progress, and what the dedup indexes need to rebuild
+STATE = ".prepare_state.json"
+EXACT = ".prepare_exact.u64"
+SIGNATURES = ".prepare_signatures.u16"
+SPILL = ".prepare_index"  # the indexes' key runs too large for memory
 
 
 @dataclass
@@ -118,7 +123,8 @@ def _process(texts: list[str]) -> Processed:
     cfg: DataConfig = _WORKER["cfg"]
     cleaned = [clean(t, cfg.filters) for t in texts]
     split = [t.split() for t in cleaned]
-    words = Words.of(cleaned, split)  # hashed once, for the repetition filters and MinHash
+    # hashed once, for the repetition filters and MinHash
+    words = Words.of(cleaned, split, normalized=cfg.filters.normalize)
     failures = quality_failures(cleaned, cfg.filters, split, words)
     passed = np.array([i for i, f in enumerate(failures) if f is None], dtype=np.int64)
     kept = [cleaned[i] for i in passed.tolist()]
@@ -164,12 +170,22 @@ class ShardWriter:
         self.out, self.split, self.size, self.vocab = out, split, shard_tokens, vocab_size
         self.shards: list[dict] = []
         self.current: ShardFile | None = None
+        # Documents not yet written: one write a batch, not one a document. (They are views of
+        # the batch's arrays: `flush` after each batch, not to keep every batch alive.)
+        self.pending: list[np.ndarray] = []
+        self.buffered = 0
 
     def _name(self) -> str:
         return f"{self.split}_{len(self.shards):06d}.bin"
 
     def add(self, tokens: np.ndarray) -> bool:
         """Append a document's tokens; True if a shard was completed."""
+        room = self.size - self.current.count - self.buffered if self.current else 0
+        if len(tokens) < room:  # the shard is not full after it
+            self.pending.append(tokens)
+            self.buffered += len(tokens)
+            return False
+        self.flush()
         wrote = False
         while len(tokens):  # a long document may fill several shards
             if self.current is None:
@@ -182,6 +198,11 @@ class ShardWriter:
                 wrote = True
         return wrote
 
+    def flush(self) -> None:
+        if self.pending:
+            self.current.write(np.concatenate(self.pending))
+            self.pending, self.buffered = [], 0
+
     def _finish(self) -> None:
         finish_shard(self.current)
         self.shards.append({"file": self._name(), "split": self.split,
@@ -189,6 +210,7 @@ class ShardWriter:
         self.current = None
 
     def close(self) -> None:
+        self.flush()
         if self.current is not None and self.current.count:
             self._finish()
         elif self.current is not None:
@@ -196,6 +218,7 @@ class ShardWriter:
             self.current = None
 
     def state(self) -> dict:
+        self.flush()
         if self.current is not None:
             self.current.sync()
         return {"shards": self.shards, "partial": self.current.count if self.current else 0}
@@ -222,37 +245,31 @@ def _run_key(inputs: list[str], tokenizer_fp: str, cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _save_state(out: Path, key: str, docs_done: int, counts: Counts, seen: SortedRuns,
-                signatures: int, writers: dict[str, ShardWriter]) -> None:
-    """Progress up to input document `docs_done`: the exact keys of the documents before it
-    (`seen` may hold later ones, from the rest of a batch) and how many signatures of
-    SIGNATURES are theirs."""
-    keys, docs = seen.items()
-    mine = docs < docs_done
-    meta = {"key": key, "docs_done": docs_done, "counts": asdict(counts),
-            "signatures": signatures, "writers": {s: w.state() for s, w in writers.items()}}
-    with atomic_path(out / STATE) as tmp, open(tmp, "wb") as f:
-        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                 seen=keys[mine], seen_docs=docs[mine])
+def _save_state(out: Path, key: str, docs_done: int, counts: Counts, logged: dict[str, int],
+                writers: dict[str, ShardWriter]) -> None:
+    """Progress up to input document `docs_done`, with how many records of each dedup log
+    (EXACT, SIGNATURES) are those documents' (the logs may hold later ones, from the rest of a
+    batch, which a resumed run drops)."""
+    atomic_write_text(out / STATE, json.dumps({
+        "key": key, "docs_done": docs_done, "counts": asdict(counts), "logged": logged,
+        "writers": {s: w.state() for s, w in writers.items()}}))
 
 
 def _remove_state(out: Path) -> None:
-    (out / STATE).unlink(missing_ok=True)
-    (out / SIGNATURES).unlink(missing_ok=True)
+    for name in (STATE, EXACT, SIGNATURES):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / SPILL, ignore_errors=True)
 
 
 def _load_state(out: Path, key: str) -> dict | None:
     path = out / STATE
     if not path.is_file():
         return None
-    with np.load(path) as z:
-        meta = json.loads(z["meta"].tobytes())
-        if meta["key"] != key:
-            raise ScratchError(f"{out} holds an unfinished run with other inputs, tokenizer or "
-                               "settings; use another --out or delete that directory")
-        meta["seen"] = SortedRuns()
-        meta["seen"].add(z["seen"], z["seen_docs"])
-    return meta
+    state = json.loads(path.read_text())
+    if state["key"] != key:
+        raise ScratchError(f"{out} holds an unfinished run with other inputs, tokenizer or "
+                           "settings; use another --out or delete that directory")
+    return state
 
 
 def _batches(docs: Iterator[tuple[str, str | None]], size: int,
@@ -273,8 +290,19 @@ def _results(batches: Iterator[list[str]], tokenizer_dir: Path, cfg: DataConfig
         yield from map(_process, batches)
         return
     ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (tiktoken, torch)
+    # Pool.imap keeps every finished result until it is taken: at most 4 batches a worker in
+    # flight, so that memory stays bounded when this process falls behind.
+    slots = threading.Semaphore(4 * workers)
+
+    def throttled() -> Iterator[list[str]]:
+        for batch in batches:
+            slots.acquire()
+            yield batch
+
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), cfg)) as pool:
-        yield from pool.imap(_process, batches)
+        for result in pool.imap(_process, throttled()):
+            slots.release()
+            yield result
 
 
 def prepare(
@@ -308,11 +336,11 @@ def prepare(
     state = _load_state(out, key)
 
     counts = Counts(**state["counts"]) if state else Counts()
-    seen = state["seen"] if state else SortedRuns()  # exact keys -> input document number
-    index = None
-    if cfg.dedup.near:
-        index = NearDuplicateIndex(cfg.dedup, out / SIGNATURES, state["signatures"] if state
-                                   else 0)
+    logged = state["logged"] if state else {"exact": 0, "near": 0}
+    exact = ExactIndex(out / EXACT, logged["exact"], out / SPILL / "exact") \
+        if cfg.dedup.exact else None
+    index = NearDuplicateIndex(cfg.dedup, out / SIGNATURES, logged["near"], out / SPILL / "near") \
+        if cfg.dedup.near else None
     writers = {s: ShardWriter(out, s, cfg.shard_tokens, tok.vocab_size) for s in ("train", "val")}
     docs_done = 0
     if state:
@@ -336,21 +364,22 @@ def prepare(
     t0 = time.perf_counter()
     bar = tqdm(desc="preparing", unit="doc", disable=not progress)
     for batch in _results(_batches(docs, cfg.batch_docs, splits), tokenizer_dir, cfg):
-        # Dedup the batch's passing documents at once, in input order.
+        # Dedup the batch's passing documents at once, in input order; for each, how many
+        # records the dedup logs hold once it is done (for _save_state).
         numbers = docs_done + np.flatnonzero([f is None for f in batch.failures])
         exact_dup = np.zeros(len(numbers), dtype=bool)
-        if cfg.dedup.exact:
-            first = np.zeros(len(numbers), dtype=bool)
-            first[np.unique(batch.exact, return_index=True)[1]] = True
-            exact_dup = ~first | seen.contains(batch.exact)
-            seen.add(batch.exact[~exact_dup], numbers[~exact_dup])
+        exact_logged = np.zeros(len(numbers), dtype=np.int64)
+        if exact is not None:
+            exact_logged += exact.size
+            exact_dup = exact.dedup(batch.exact, numbers)
+            exact_logged += np.cumsum(~exact_dup)
         near_dup = np.zeros(len(numbers), dtype=bool)
-        signatures = np.zeros(len(numbers) + 1, dtype=np.int64)  # index size after each one
+        near_logged = np.zeros(len(numbers), dtype=np.int64)
         if index is not None:
-            signatures += index.size
+            near_logged += index.size
             near_dup[~exact_dup] = index.dedup(batch.signatures[~exact_dup],
                                                batch.band_keys[~exact_dup]) >= 0
-            signatures[1:] += np.cumsum(~exact_dup & ~near_dup)
+            near_logged += np.cumsum(~exact_dup & ~near_dup)
         passed = 0
         for n_in, failure in zip(batch.bytes_in, batch.failures):
             forced_split = splits.popleft()
@@ -372,12 +401,16 @@ def prepare(
             tokens = batch.tokens[batch.token_bounds[j]:batch.token_bounds[j + 1]]
             counts.tokens[split] += len(tokens)
             if writers[split].add(tokens):
-                _save_state(out, key, docs_done, counts, seen, int(signatures[j + 1]), writers)
+                _save_state(out, key, docs_done, counts, {"exact": int(exact_logged[j]),
+                                                          "near": int(near_logged[j])}, writers)
+        for w in writers.values():
+            w.flush()
         bar.update(len(batch.failures))
         bar.set_postfix(MB=f"{counts.bytes_in / 1e6:.1f}", kept=counts.documents_kept)
     bar.close()
-    if index is not None:
-        index.close()
+    for dedup_index in (exact, index):
+        if dedup_index is not None:
+            dedup_index.close()
     if counts.documents_kept == 0:
         for w in writers.values():
             w.close()  # nothing was written: only empty partial files to remove
