@@ -11,11 +11,21 @@ import pytest
 import torch
 
 from scratchlm.data import prepare as prepare_mod
-from scratchlm.data.clean import FilterConfig, clean, normalize_text, quality_failure
+from scratchlm.data.clean import (
+    FilterConfig,
+    clean,
+    normalize_text,
+    quality_failure,
+    quality_failures,
+)
 from scratchlm.data.dedup import (
     DedupConfig,
+    ExactIndex,
     NearDuplicateIndex,
+    SortedRuns,
+    Words,
     minhash,
+    minhash_batch,
     permutations,
     shingle_hashes,
 )
@@ -132,8 +142,76 @@ def test_each_filter_catches_its_case(austen_paragraphs: list[str]) -> None:
     assert all(quality_failure(t, off) is None for t in cases.values())
 
 
+def test_a_batch_is_filtered_as_its_documents_one_by_one(austen_paragraphs: list[str]) -> None:
+    """The repetition rules run over a batch's words concatenated: no n-gram may reach across
+    documents, and each document's verdict must be the one it gets alone."""
+    docs = austen_paragraphs[:40]
+    docs += [" ".join(["of the"] * 60) + " " + docs[0][:300], docs[1] + " " + docs[1],
+             "a few words", "", " ".join(["word"] * 30), docs[2][:200] + " " + docs[2][:200]]
+    docs += [d.upper() for d in docs[:5]]  # repetition compares lower-cased words
+    cfg = FilterConfig(min_words=5)
+    alone = [quality_failure(d, cfg) for d in docs]
+    assert quality_failures(docs, cfg) == alone
+    assert {"top_2gram", "dup_5gram", "min_words", "empty"} <= set(alone)
+    # An n-gram reaching into the next document would repeat one of this document's.
+    words = "alpha bravo charlie delta echo foxtrot golf hotel".split()
+    pair = [" ".join(words + words[:3]), " ".join(words[3:] + ["india"] * 3)]
+    only_dup = FilterConfig(min_words=5, max_top_ngram_chars=None)
+    assert quality_failures(pair, only_dup) == [None, None]
+    assert quality_failure(" ".join(pair), only_dup) == "dup_5gram"
+
+
 # ------------------------------------------------------------------------------------------------
 # deduplication with planted near-duplicates
+
+
+def test_minhash_of_a_batch_is_each_documents(austen_paragraphs: list[str]) -> None:
+    cfg = DedupConfig()
+    perms = permutations(cfg)
+    long = " ".join(austen_paragraphs[:120])  # more shingles than one hashing block (8,192)
+    assert len(long.split()) > 9000
+    for docs in ([austen_paragraphs[0], long, *austen_paragraphs[1:5]],
+                 ["two words", austen_paragraphs[0], "x"]):  # fewer words than a shingle
+        batch = minhash_batch(Words.of(docs), cfg, perms)
+        assert np.array_equal(batch, np.stack([minhash(d, cfg, perms) for d in docs]))
+    assert (batch[0] != batch[2]).all() and len(set(batch[1].tolist())) > 100
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_sorted_runs_find_what_a_dict_finds(tmp_path: Path, spill: bool) -> None:
+    rng = np.random.default_rng(0)
+    runs = SortedRuns(tmp_path / "runs" if spill else None, in_memory=3000)
+    truth: dict[int, list[int]] = {}
+    for batch in range(40):
+        keys = rng.integers(0, 5000, size=300).astype(np.uint64)  # many repeats
+        values = np.arange(batch * 300, batch * 300 + 300)
+        runs.add(keys, values)
+        for k, v in zip(keys.tolist(), values.tolist()):
+            truth.setdefault(k, []).append(v)
+        queries = rng.integers(0, 6000, size=200).astype(np.uint64)
+        where, found = runs.find(queries)
+        got = {}
+        for i, v in zip(where.tolist(), found.tolist()):
+            got.setdefault(i, []).append(v)
+        want = {i: truth[q] for i, q in enumerate(queries.tolist()) if q in truth}
+        assert {i: sorted(v) for i, v in got.items()} == {i: sorted(v) for i, v in want.items()}
+        assert runs.contains(queries).tolist() == [q in truth for q in queries.tolist()]
+    assert len(runs) == 40 * 300 and len(runs.runs) <= 8  # O(log n) runs
+    if spill:  # the large runs live in memory-mapped files
+        assert any(isinstance(k, np.memmap) for k, _ in runs.runs)
+        assert len(list((tmp_path / "runs").glob("*.keys"))) == sum(
+            isinstance(k, np.memmap) for k, _ in runs.runs)
+
+
+def test_exact_index_rebuilds_from_its_log(tmp_path: Path) -> None:
+    index = ExactIndex(tmp_path / "exact.log")
+    keys = np.array([5, 7, 5, 9], dtype=np.uint64)
+    assert index.dedup(keys, np.arange(4)).tolist() == [False, False, True, False]
+    assert index.dedup(np.array([9, 11], np.uint64), np.arange(4, 6)).tolist() == [True, False]
+    index.close()
+    again = ExactIndex(tmp_path / "exact.log", keep=2)  # the first two records: 5 and 7
+    assert again.dedup(np.array([7, 9, 5], np.uint64), np.arange(3)).tolist() == [True, False,
+                                                                                  True]
 
 
 def shingle_set(text: str) -> set[int]:
