@@ -43,6 +43,7 @@ from scratchlm.tokenizer import BPETokenizer
 from scratchlm.utils import atomic_write_text
 
 MANIFEST = "manifest.json"
+BATCH_CHARS = 1 << 19
 # While a run is unfinished: its progress, and what the dedup indexes need to rebuild
 STATE = ".prepare_state.json"
 EXACT = ".prepare_exact.u64"
@@ -73,7 +74,7 @@ class DataConfig:
     """Worker processes for cleaning, filtering and tokenizing (0 = one per CPU core; 1 = all
     in this process)."""
     batch_docs: int = 256
-    """Documents per task sent to a worker."""
+    """Most documents per task sent to a worker (fewer when they are long: BATCH_CHARS)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Clean-up and quality filters."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -274,11 +275,21 @@ def _load_state(out: Path, key: str) -> dict | None:
 
 def _batches(docs: Iterator[tuple[str, str | None]], size: int,
              splits: collections.deque) -> Iterator[list[str]]:
-    """Texts for the workers, batch by batch; each document's forced split (or None) is
-    queued in `splits` in the same order, for the main process to pair with the results."""
-    while batch := list(itertools.islice(docs, size)):
-        splits.extend(split for _, split in batch)
-        yield [text for text, _ in batch]
+    """Texts for the workers, batch by batch: `size` documents, or fewer that hold
+    BATCH_CHARS characters (a worker's memory grows with its batch's words). Each document's
+    forced split (or None) is queued in `splits` in the same order, for the main process to
+    pair with the results."""
+    batch: list[str] = []
+    chars = 0
+    for text, split in docs:
+        batch.append(text)
+        splits.append(split)
+        chars += len(text)
+        if len(batch) == size or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _results(batches: Iterator[list[str]], tokenizer_dir: Path, cfg: DataConfig
