@@ -212,6 +212,9 @@ def test_exact_index_rebuilds_from_its_log(tmp_path: Path) -> None:
     again = ExactIndex(tmp_path / "exact.log", keep=2)  # the first two records: 5 and 7
     assert again.dedup(np.array([7, 9, 5], np.uint64), np.arange(3)).tolist() == [True, False,
                                                                                   True]
+    again.close()
+    with pytest.raises(ScratchError, match="fewer records than the saved progress"):
+        ExactIndex(tmp_path / "exact.log", keep=50)
 
 
 def shingle_set(text: str) -> set[int]:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlm.errors import ScratchError
+
 _NGRAM = np.uint64(1_000_003)  # multiplier of the polynomial n-gram hash
 
 
@@ -218,6 +220,7 @@ class SortedRuns:
     the files' pages cached as memory allows)."""
 
     def __init__(self, spill: Path | None = None, in_memory: int = 1 << 18) -> None:
+        """`spill`: a directory of the runs' own (emptied first); None keeps all in memory."""
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (keys sorted, values)
         self.spill, self.in_memory, self.files = spill, in_memory, 0
         if spill is not None:
@@ -312,6 +315,10 @@ class _Log:
             self.file = tempfile.TemporaryFile()
         else:
             self.file = open(path, "r+b" if keep else "w+b")
+            if os.fstat(self.file.fileno()).st_size < keep * self.row:
+                self.file.close()
+                raise ScratchError(f"{path} holds fewer records than the saved progress says "
+                                   "it should; delete the output directory to start over")
             self.file.truncate(keep * self.row)
         self.size = keep
 
@@ -329,6 +336,10 @@ class _Log:
         self.file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
         self.file.flush()
         self.size += len(rows)
+
+    def sync(self) -> None:
+        """Make the records durable (before a saved progress counts them)."""
+        os.fsync(self.file.fileno())
 
     def close(self) -> None:
         self.file.close()

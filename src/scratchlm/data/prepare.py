@@ -412,6 +412,9 @@ def prepare(
             tokens = batch.tokens[batch.token_bounds[j]:batch.token_bounds[j + 1]]
             counts.tokens[split] += len(tokens)
             if writers[split].add(tokens):
+                for dedup_index in (exact, index):
+                    if dedup_index is not None:
+                        dedup_index.log.sync()
                 _save_state(out, key, docs_done, counts, {"exact": int(exact_logged[j]),
                                                           "near": int(near_logged[j])}, writers)
         for w in writers.values():
