@@ -129,17 +129,16 @@ def shingles(words: Words, n: int) -> tuple[np.ndarray, np.ndarray]:
     counts = np.diff(words.bounds)
     if (counts < 1).any():
         raise ValueError("a document without words has no shingles")
-    short = np.flatnonzero(counts < n)
-    if len(short):  # rare (a filter usually drops such documents): one shingle each
-        return _shingles_with_short(words, n, short)
+    if (counts < n).any():  # rare (a filter usually drops such documents)
+        return _shingles_one_by_one(words, n)
     *_, (_, keys) = ngram_keys(words.ids, n)
     keys = keys[inside(words, n)]
     folded = ((keys ^ (keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     return folded, np.concatenate(([0], np.cumsum(counts - n + 1)))
 
 
-def _shingles_with_short(words: Words, n: int, short: np.ndarray) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
+def _shingles_one_by_one(words: Words, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`shingles` document by document, a short one giving its words as one shingle."""
     parts = []
     for d in range(len(words)):
         one = words.select(np.array([d]))
