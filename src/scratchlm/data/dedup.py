@@ -26,27 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlm.data.config import DedupConfig
 from scratchlm.errors import ScratchError
 
 _NGRAM = np.uint64(1_000_003)  # multiplier of the polynomial n-gram hash
-
-
-@dataclass
-class DedupConfig:
-    exact: bool = True
-    """Drop documents whose normalised text (lower-cased, whitespace collapsed) was seen."""
-    near: bool = True
-    """Drop near-duplicates found by MinHash + LSH."""
-    threshold: float = 0.8
-    """Estimated Jaccard similarity of word shingles at which two documents are duplicates."""
-    num_perm: int = 128
-    """MinHash signature length."""
-    bands: int = 16
-    """LSH bands (num_perm / bands rows each): 16 x 8 makes pairs above ~0.7 candidates."""
-    shingle: int = 5
-    """Words per shingle."""
-    seed: int = 0
-    """Seed of the hash permutations (a run is deterministic for a given seed)."""
 
 
 def exact_key(text: str) -> int:
