@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from scratchlm.errors import ScratchError
-from scratchlm.generate import generate, sample_next, stream, stream_text
+from scratchlm.generate import (
+    TextStream,
+    generate,
+    generate_batch,
+    generate_text,
+    sample_next,
+    stream,
+    stream_text,
+    template_chat_ids,
+)
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.tokenizer import BPETokenizer
 
@@ -107,3 +116,125 @@ def test_stream_text_stops_before_stop_string(shakespeare: str) -> None:
                               stop_at_eot=False))
     assert cut == full[:full.index(target)]
 
+
+
+# ------------------------------------------------------------------------------------------------
+# batches of prompts of different lengths (left padding, per-row positions, continuous batching)
+
+
+@pytest.mark.parametrize("preset, kw", PRESETS)
+def test_padded_batch_logits_equal_each_row_alone(preset: str, kw: dict) -> None:
+    from scratchlm.model.attention import padded_causal_mask
+
+    model = GPT(ModelConfig.from_preset(preset, **kw)).eval()
+    lengths = [7, 12, 3]
+    T = max(lengths)
+    rows = [torch.randint(0, 512, (n,)) for n in lengths]
+    idx = torch.stack([torch.cat([torch.zeros(T - n, dtype=torch.long), r])
+                       for n, r in zip(lengths, rows)])
+    start = torch.tensor([T - n for n in lengths])
+    positions = (torch.arange(T)[None] - start[:, None]).clamp(min=0)
+    logits = model(idx, positions=positions, mask=padded_causal_mask(start, T, T))[0]
+    for b, r in enumerate(rows):
+        alone = model(r[None])[0][0]  # (n, vocab)
+        assert (logits[b, T - len(r):] - alone).abs().max().item() < 1e-5
+    # and through the cache: the padded prompt, then a token per row
+    cache = model.new_cache(3, 32)
+    model(idx, cache=cache, positions=positions, mask=padded_causal_mask(start, T, T))
+    nxt = torch.randint(0, 512, (3,))
+    step = model(nxt[:, None], cache=cache, positions=(T - start)[:, None],
+                 mask=padded_causal_mask(start, 1, T + 1))[0][:, -1]
+    for b, r in enumerate(rows):
+        alone = model(torch.cat([r, nxt[b:b + 1]])[None])[0][0, -1]
+        assert (step[b] - alone).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("preset, kw", PRESETS)
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_batched_generation_equals_each_prompt_alone(preset: str, kw: dict,
+                                                     use_kv_cache: bool) -> None:
+    # a 40-token context and 3 rows for 7 prompts: rows join late (a longer prompt moves the
+    # others right), leave early, and the columns run out (compaction)
+    model = GPT(ModelConfig.from_preset(preset, block_size=40, **kw)).eval()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 28, 12, 1, 20, 25, 9)]
+    greedy = generate_batch(model, prompts, 12, temperature=0.0, use_kv_cache=use_kv_cache,
+                            max_batch=3)
+    sampled = generate_batch(model, prompts, 12, temperature=0.9, top_k=40, top_p=0.9, seed=3,
+                             use_kv_cache=use_kv_cache, max_batch=3)
+    for p, g, s in zip(prompts, greedy, sampled):
+        alone = generate(model, torch.tensor([p]), 12, temperature=0.0)[0, len(p):].tolist()
+        assert g == alone
+        alone = generate(model, torch.tensor([p]), 12, temperature=0.9, top_k=40, top_p=0.9,
+                         seed=3)[0, len(p):].tolist()
+        assert s == alone
+
+
+def test_each_row_stops_at_its_own_stop_token() -> None:
+    model = GPT(ModelConfig.from_preset("gpt2-tiny")).eval()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (4, 9)]
+    free = generate_batch(model, prompts, 20, temperature=0.0)
+    stop = free[0][2]  # row 0's third new token
+    out = generate_batch(model, prompts, 20, temperature=0.0, stop_tokens=[stop])
+    assert out[0] == free[0][:free[0].index(stop) + 1]
+    cut = free[1].index(stop) + 1 if stop in free[1] else 20
+    assert out[1] == free[1][:cut]
+
+
+@pytest.fixture(scope="module")
+def small_tok(shakespeare: str) -> BPETokenizer:
+    return BPETokenizer.train(shakespeare[:50_000], 300, progress=False)
+
+
+def test_generate_text_batch_equals_single_with_stops(small_tok: BPETokenizer) -> None:
+    tok = small_tok
+    model = GPT(ModelConfig.from_preset("llama-tiny", vocab_size=300)).eval()
+    prompts = ["KING:", "First Citizen:\nWe are", "O"]
+    single = [generate_text(model, tok, p, 30, temperature=0.0) for p in prompts]
+    assert generate_text(model, tok, prompts, 30, temperature=0.0) == single
+    stop = single[1][3:6]
+    cut = [generate_text(model, tok, p, 30, temperature=0.0, stop=[stop]) for p in prompts]
+    assert generate_text(model, tok, prompts, 30, temperature=0.0, stop=[stop]) == cut
+    assert cut[1] == single[1][:single[1].index(stop)]
+    sampled = generate_text(model, tok, prompts, 20, temperature=1.0, seed=4, use_kv_cache=False)
+    assert sampled == [generate_text(model, tok, p, 20, temperature=1.0, seed=4)
+                       for p in prompts]
+
+
+def test_text_stream_holds_back_stop_strings_and_split_characters(small_tok) -> None:
+    tok = small_tok
+    text = "héllo wörld, STOP here"
+    ids = tok.encode(text)
+    ts = TextStream(tok, ["STOP"])
+    pieces = []
+    for t in ids:
+        pieces.append(ts.push(t))
+        if ts.stopped:
+            break
+    assert "".join(pieces) == "héllo wörld, " and ts.stopped
+    ts = TextStream(tok)
+    assert "".join(ts.push(t) for t in ids) + ts.flush() == text
+
+
+def test_chat_verb_uses_the_models_template(chat_model, monkeypatch, capsys) -> None:
+    import io
+
+    from scratchlm.cli import main
+    from scratchlm.model.load import load_pretrained
+    from scratchlm.templates import load_template
+
+    model, tok, _ = load_pretrained(chat_model)
+    template = load_template(chat_model)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Good morrow\nWhat news?\n\n"))
+    assert main(["chat", "--model", str(chat_model), "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "chat template" in out
+    first = "".join(stream_text(model, tok, template.encode(
+        tok, [{"role": "user", "content": "Good morrow"}], add_generation_prompt=True)[0], 12,
+        temperature=0.0, stop_tokens=template.stop_ids(tok)))
+    second_ids = template_chat_ids(template, tok, [("Good morrow", first.strip())],
+                                   "What news?", model.config.block_size - 12)
+    second = "".join(stream_text(model, tok, second_ids, 12, temperature=0.0,
+                                 stop_tokens=template.stop_ids(tok)))
+    assert out.split("> ")[1:3] == [first + "\n", second + "\n"]
+    assert tok.special_tokens["<|user|>"] in second_ids

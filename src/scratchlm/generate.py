@@ -1,18 +1,28 @@
-"""Sampling from a model: greedy, temperature, top-k, top-p, stop tokens and strings, streaming.
+"""Sampling from a model: greedy, temperature, top-k, top-p, stop tokens and strings, streaming,
+and batches of prompts of different lengths.
 
 With the KV cache (the default) the prompt is run once and each new token then costs a single
 position; without it every step recomputes the whole sequence (same tokens, the reference).
+
+`stream` decodes a (B, T) tensor of equal-length prompts. `Decoder` and `BatchGenerator` decode
+prompts of any lengths together: rows are left-padded to a shared column (the KV cache's write
+position), each row has its own positions and a mask that hides its padding, and rows join
+(prefilled together) and leave (at their own stop) between any two steps: continuous batching,
+used by `generate_batch`, `generate_text` with a list of prompts, and `scratchlm serve`.
 """
 
 from __future__ import annotations
 
 import codecs
+from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from scratchlm.errors import ScratchError
-from scratchlm.model.gpt import GPT
+from scratchlm.model.attention import padded_causal_mask
+from scratchlm.model.gpt import GPT, check_token_ids
 
 
 def sample_next(
@@ -42,8 +52,9 @@ def sample_next(
 
 
 def _check_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ScratchError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails every comparison
+        raise ScratchError(f"temperature must be a number >= 0 (0 is greedy), got "
+                           f"{temperature}")
     if top_k is not None and top_k < 1:
         raise ScratchError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -111,47 +122,397 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> to
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
 
 
+class TextStream:
+    """Token ids in, text out: bytes are decoded incrementally (a character split across tokens
+    comes out whole) and text is held back while it could still begin a stop string; at a stop
+    string the text before it comes out and `stopped` is set."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.stopped = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self._text = ""  # decoded but not yet given out
+
+    def push(self, token: int) -> str:
+        """The text that can be shown once `token` is known ("" while held back)."""
+        self._text += self._decoder.decode(self.tokenizer.token_bytes(token))
+        cut = min((self._text.find(s) for s in self.stop if s in self._text), default=-1)
+        if cut >= 0:
+            out, self._text, self.stopped = self._text[:cut], "", True
+            return out
+        if len(self._text) <= self._hold:
+            return ""
+        out = self._text[:len(self._text) - self._hold]
+        self._text = self._text[len(out):]
+        return out
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of the sequence."""
+        if self.stopped:
+            return ""
+        out, self._text = self._text + self._decoder.decode(b"", final=True), ""
+        return out
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of a text prompt (special-token strings in it count as special tokens), or
+    the ids as given."""
+    ids = (tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str)
+           else list(prompt))
+    if not ids:
+        raise ScratchError("the prompt is empty; give at least one character")
+    return ids
+
+
 def stream_text(
     model: GPT,
     tokenizer,
-    prompt: str,
+    prompt: str | Sequence[int],
     max_new_tokens: int,
     stop: Sequence[str] = (),
     stop_at_eot: bool = True,
+    stop_tokens: Sequence[int] = (),
     **kwargs,
 ) -> Iterator[str]:
-    """Yield the continuation of one prompt as text, piece by piece, ending before the first
-    stop string (held back until it can no longer be the start of one)."""
+    """Yield the continuation of one prompt (text, or token ids) as text, piece by piece,
+    ending at a stop token (`stop_tokens`, and <|endoftext|> with `stop_at_eot`) or before
+    the first stop string (held back until it can no longer be the start of one)."""
     device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt, allowed_special="all")
-    if not ids:
-        raise ScratchError("the prompt is empty; give at least one character")
-    stop_tokens = [tokenizer.eot_id] if stop_at_eot and tokenizer.eot_id is not None else []
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    hold = max((len(s) for s in stop), default=1) - 1
-    text = ""  # decoded but not yet yielded
+    ids = encode_prompt(tokenizer, prompt)
+    stops = list(stop_tokens) + ([tokenizer.eot_id] if stop_at_eot and tokenizer.eot_id
+                                 is not None else [])
+    text = TextStream(tokenizer, stop)
     for nxt in stream(model, torch.tensor([ids], device=device), max_new_tokens,
-                      stop_tokens=stop_tokens, **kwargs):
+                      stop_tokens=stops, **kwargs):
         token = int(nxt[0])
-        if token in stop_tokens:
+        if token in stops:
             break
-        text += decoder.decode(tokenizer.token_bytes(token))
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:
-            yield text[:cut]
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        if len(text) > hold:
-            yield text[:len(text) - hold]
-            text = text[len(text) - hold:]
-    yield text + decoder.decode(b"", final=True)
+    yield text.flush()
 
 
 def generate_text(model: GPT, tokenizer, prompts: str | Sequence[str], max_new_tokens: int,
-                  **kwargs) -> str | list[str]:
-    """Continuations of one prompt (a string) or several (a list), as text."""
-    if isinstance(prompts, str):
-        return "".join(stream_text(model, tokenizer, prompts, max_new_tokens, **kwargs))
-    return [generate_text(model, tokenizer, p, max_new_tokens, **kwargs) for p in prompts]
+                  stop: Sequence[str] = (), stop_at_eot: bool = True, **kwargs
+                  ) -> str | list[str]:
+    """Continuations of one prompt (a string) or several (a list), as text. A list is
+    generated as one batch (`generate_batch`): each prompt's text is the one it gets alone,
+    with the same seed. With `sliding_window` the prompts of a list run one at a time."""
+    if isinstance(prompts, str) or kwargs.get("sliding_window"):
+        if not isinstance(prompts, str):
+            return [generate_text(model, tokenizer, p, max_new_tokens, stop, stop_at_eot,
+                                  **kwargs) for p in prompts]
+        return "".join(stream_text(model, tokenizer, prompts, max_new_tokens, stop,
+                                   stop_at_eot, **kwargs))
+    kwargs.pop("sliding_window", None)
+    use_kv_cache = kwargs.pop("use_kv_cache", True)
+    stops = [tokenizer.eot_id] if stop_at_eot and tokenizer.eot_id is not None else []
+    gens = [Generation(encode_prompt(tokenizer, p), max_new_tokens, stop_ids=stops,
+                       text=TextStream(tokenizer, stop), **kwargs) for p in prompts]
+    run_all(model, gens, use_kv_cache=use_kv_cache)
+    return [g.output for g in gens]
+
+
+# ------------------------------------------------------------------------------------------------
+# batches of prompts of different lengths
+
+
+class Decoder:
+    """The forward passes of a batch whose rows come and go. Rows share the KV cache's write
+    column (`cols`); row r's tokens fill columns start[r]..cols-1 (right-aligned, left-padded),
+    so column j of row r is position j - start[r], and a mask hides the columns before start[r].
+
+    `add` prefills new rows together (padded to the longest, in a cache of their own that is
+    then copied into free rows, right-aligned to `cols`; a prompt longer than `cols` first
+    moves every row right); `step` feeds every row one token; `remove` frees rows, the last
+    live row taking the freed place, so live rows stay first. When the columns run out, the
+    leading columns no live row uses are dropped: every row holds at most block_size tokens,
+    so block_size columns always suffice. Without a KV cache every step recomputes the rows'
+    whole sequences from the token table (the reference)."""
+
+    def __init__(self, model: GPT, max_rows: int, use_kv_cache: bool = True) -> None:
+        self.model = model
+        self.block = model.config.block_size
+        self.max_rows = max_rows
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_rows, self.block) if use_kv_cache else None
+        self.tokens = None if use_kv_cache else torch.zeros(
+            max_rows, self.block, dtype=torch.long, device=self.device)
+        self.cols = 0
+        self.starts: list[int] = []  # first column of each live row
+        self.handles: list = []  # the caller's object for each live row, in row order
+
+    def add(self, prompts: Sequence[Sequence[int]], handles: Sequence) -> torch.Tensor:
+        """Prefill `prompts` into new rows -> the next-token logits of each, (k, vocab)."""
+        k, n = len(prompts), len(self.handles)
+        if n + k > self.max_rows:
+            raise ScratchError(f"{n + k} rows asked of a batch of {self.max_rows}")
+        P = max(len(p) for p in prompts)
+        if P >= self.block:
+            raise ScratchError(f"a prompt of {P} tokens leaves no room in the model's context "
+                               f"of {self.block}")
+        if P > self.cols:
+            self._shift(P - self.cols)
+        pads = [P - len(p) for p in prompts]
+        ids = torch.zeros(k, P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, pads[i]:] = torch.as_tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        positions, mask = self._layout(pads, P, P)
+        if self.cache is not None:
+            own = self.model.new_cache(k, P)
+            logits, _ = self.model(ids, cache=own, last_only=True, positions=positions,
+                                   mask=mask)
+            self.cache.load_rows(n, own)
+        else:
+            logits, _ = self.model(ids, last_only=True, positions=positions, mask=mask)
+            self.tokens[n:n + k, self.cols - P:self.cols] = ids
+        self.starts += [self.cols - len(p) for p in prompts]
+        self.handles += list(handles)
+        return logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each live row its next token, tokens (n,) -> next-token logits (n, vocab)."""
+        n = len(self.handles)
+        if self.cols == self.block:
+            drop = min(self.starts)
+            if drop == 0:
+                raise ScratchError(f"a row already holds the model's whole context of "
+                                   f"{self.block} tokens; it cannot take another")
+            self._shift(-drop)
+        tokens = tokens.to(self.device)
+        if self.cache is not None:
+            positions, mask = self._layout(self.starts, 1, self.cols + 1)
+            logits, _ = self.model(tokens[:, None], cache=self.cache, last_only=True,
+                                   positions=positions, mask=mask)
+        else:
+            self.tokens[:n, self.cols] = tokens
+            first = min(self.starts)  # recompute from the first column a live row uses
+            L = self.cols + 1 - first
+            positions, mask = self._layout([s - first for s in self.starts], L, L)
+            logits, _ = self.model(self.tokens[:n, first:self.cols + 1], last_only=True,
+                                   positions=positions, mask=mask)
+        self.cols += 1
+        return logits[:, -1]
+
+    def remove(self, handles: Sequence) -> None:
+        """Free the rows of `handles`."""
+        for h in handles:
+            i, last = self.handles.index(h), len(self.handles) - 1
+            if i != last:
+                if self.cache is not None:
+                    self.cache.move_row(last, i)
+                else:
+                    self.tokens[i] = self.tokens[last]
+                self.starts[i], self.handles[i] = self.starts[last], self.handles[last]
+            self.starts.pop()
+            self.handles.pop()
+        if not self.handles:
+            self.cols = 0
+            if self.cache is not None:
+                self.cache.crop(0)
+
+    def _layout(self, starts: Sequence[int], T: int, S: int
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(positions (B, T), mask (B, T, S)) of T new tokens ending at column S for rows that
+        begin at column starts[b]; (None, None) when every row begins at 0, where the plain
+        causal path is the same thing and costs nothing extra."""
+        if not any(starts):
+            return None, None
+        start = torch.tensor(starts, device=self.device)
+        cols = torch.arange(S - T, S, device=self.device)
+        positions = (cols[None, :] - start[:, None]).clamp(min=0)  # padding: position 0
+        return positions, padded_causal_mask(start, T, S)
+
+    def _shift(self, offset: int) -> None:
+        if self.cache is not None:
+            self.cache.shift(offset)
+        elif offset > 0:
+            self.tokens[:, offset:offset + self.cols] = self.tokens[:, :self.cols].clone()
+        else:
+            self.tokens[:, :self.cols + offset] = self.tokens[:, -offset:self.cols].clone()
+        self.starts = [s + offset for s in self.starts]
+        self.cols += offset
+
+
+@dataclass(eq=False)
+class Generation:
+    """One sequence to generate: its prompt, how to sample, when to stop; filled in as it runs
+    (`tokens`, `output`, `finish_reason`). With a seed it samples from a generator of its own,
+    so what it produces does not depend on what else shares its batch."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: Sequence[int] = ()
+    """Token ids that end it (the id is counted in `tokens`, never shown as text)."""
+    text: TextStream | None = None
+    """Decodes the new tokens and ends it at a stop string; None: token ids only."""
+    logprobs: int | None = None
+    """Record each new token's log-probability and this many most likely alternatives."""
+    tokens: list[int] = field(default_factory=list)
+    output: str = ""
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    """"stop" (a stop token or string), "length" (max_new_tokens), "cancelled", "error"."""
+    cancelled: bool = False
+    """Set from any thread to drop it at the next step (a client that went away)."""
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    def accept(self, token: int) -> str:
+        """Take the next token; returns the text it adds and sets `finish_reason` at the end."""
+        self.tokens.append(token)
+        piece = ""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.text is not None:
+            piece = self.text.push(token)
+            if self.text.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.tokens) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.text is not None:
+            piece += self.text.flush()
+        self.output += piece
+        return piece
+
+
+def sample_rows(logits: torch.Tensor, gens: Sequence[Generation]) -> list[int]:
+    """One token per row of logits (k, vocab), each row with its generation's settings and
+    generator (a row drawn alone draws the same token)."""
+    picks = logits.argmax(dim=-1).tolist()
+    for i, g in enumerate(gens):
+        if g.temperature > 0:
+            picks[i] = int(sample_next(logits[i:i + 1], g.temperature, g.top_k, g.top_p,
+                                       g.generator)[0])
+    return picks
+
+
+def record_logprobs(logits: torch.Tensor, gens: Sequence[Generation], picks: list[int]) -> None:
+    """Append the log-probability of each row's pick (under the model's own distribution, before
+    temperature and filters) and its `logprobs` most likely tokens, for rows that ask."""
+    for i, g in enumerate(gens):
+        if g.logprobs is None:
+            continue
+        lp = logits[i].float().log_softmax(-1)
+        top = lp.topk(g.logprobs) if g.logprobs else None
+        alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top else []
+        g.token_logprobs.append((float(lp[picks[i]]), alternatives))
+
+
+class BatchGenerator:
+    """Continuous batching: `submit` generations at any time; each `step` feeds every running
+    row one token, then admits waiting generations into free rows (prefilled together), and
+    returns [(generation, new text)] for each that advanced, and for each that was cancelled
+    (finish_reason "cancelled", no new token). A finished or cancelled generation leaves its
+    row at once."""
+
+    def __init__(self, model: GPT, max_batch: int = 16, use_kv_cache: bool = True) -> None:
+        self.model = model.eval()
+        self.decoder = Decoder(model, max_batch, use_kv_cache)
+        self.waiting: deque[Generation] = deque()
+        self.device = self.decoder.device
+
+    @property
+    def running(self) -> list[Generation]:
+        return self.decoder.handles
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def submit(self, gen: Generation) -> None:
+        """Queue a generation; bad settings or a prompt that does not fit are refused here."""
+        _check_args(gen.temperature, gen.top_k, gen.top_p)
+        block = self.model.config.block_size
+        if not gen.prompt:
+            raise ScratchError("the prompt is empty; give at least one token")
+        if gen.max_new_tokens < 1:
+            raise ScratchError(f"max_new_tokens must be >= 1, got {gen.max_new_tokens}")
+        if len(gen.prompt) + gen.max_new_tokens > block:
+            raise ScratchError(
+                f"prompt ({len(gen.prompt)} tokens) + max_new_tokens ({gen.max_new_tokens}) "
+                f"exceeds the model's context of {block}; shorten them")
+        check_token_ids(torch.tensor(gen.prompt), self.model.config.vocab_size)
+        if gen.seed is not None and gen.generator is None:
+            gen.generator = torch.Generator(self.device).manual_seed(gen.seed)
+        self.waiting.append(gen)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Generation, str]]:
+        gone = [g for g in [*self.running, *self.waiting] if g.cancelled]
+        for g in gone:
+            g.finish_reason = "cancelled"
+        self.decoder.remove([g for g in gone if g in self.running])
+        self.waiting = deque(g for g in self.waiting if not g.cancelled)
+        events: list[tuple[Generation, str]] = [(g, "") for g in gone]
+        if self.running:
+            last = torch.tensor([g.tokens[-1] for g in self.running])
+            events += self._advance(list(self.running), self.decoder.step(last))
+        free = self.decoder.max_rows - len(self.running)
+        if self.waiting and free:
+            new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            events += self._advance(new, self.decoder.add([g.prompt for g in new], new))
+        return events
+
+    def _advance(self, gens: list[Generation], logits: torch.Tensor
+                 ) -> list[tuple[Generation, str]]:
+        picks = sample_rows(logits, gens)
+        record_logprobs(logits, gens, picks)
+        events = [(g, g.accept(t)) for g, t in zip(gens, picks)]
+        self.decoder.remove([g for g in gens if g.finish_reason is not None])
+        return events
+
+    def fail_all(self) -> list[Generation]:
+        """End every generation with finish_reason "error" (after an exception in a step) and
+        start again empty; returns them."""
+        failed = list(self.running) + list(self.waiting)
+        for g in failed:
+            g.finish_reason = "error"
+        self.decoder.remove(list(self.running))
+        self.waiting.clear()
+        return failed
+
+
+def run_all(model: GPT, gens: Sequence[Generation], max_batch: int | None = None,
+            use_kv_cache: bool = True) -> None:
+    """Run generations to their end, together (at most `max_batch` rows at once)."""
+    if not gens:
+        return
+    batcher = BatchGenerator(model, max_batch or len(gens), use_kv_cache)
+    for g in gens:
+        batcher.submit(g)
+    while batcher.busy():
+        batcher.step()
+
+
+def generate_batch(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    use_kv_cache: bool = True,
+    max_batch: int | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (lists of ids of any lengths), generated as one batch.
+    A row ends at its own stop token (included) or after max_new_tokens. With a seed every
+    row samples from its own generator seeded with it, so each row equals its prompt
+    generated alone (`stream` on a batch of one) with that seed."""
+    gens = [Generation(list(p), max_new_tokens, temperature, top_k, top_p, seed,
+                       stop_ids=list(stop_tokens)) for p in prompts]
+    run_all(model, gens, max_batch, use_kv_cache)
+    return [g.tokens for g in gens]
 
 
 # A plain transcript for `scratchlm chat`; a model fine-tuned on instructions learns its own
@@ -173,3 +534,21 @@ def chat_prompt(history: Sequence[tuple[str, str]], message: str, max_tokens: in
         raise ScratchError(f"the message alone is longer than the {max_tokens} tokens the "
                            "context leaves; shorten it or lower --max-new-tokens")
     return prompt
+
+
+def template_chat_ids(template, tokenizer, history: Sequence[tuple[str, str]], message: str,
+                      max_tokens: int) -> list[int]:
+    """The conversation so far plus the new message in the model's chat template
+    (scratchlm.templates), ready for the reply, dropping the oldest turns until it fits in
+    `max_tokens`."""
+    turns = [m for u, a in history for m in ({"role": "user", "content": u},
+                                             {"role": "assistant", "content": a})]
+    last = [{"role": "user", "content": message}]
+    while True:
+        ids = template.encode(tokenizer, turns + last, add_generation_prompt=True)[0]
+        if len(ids) <= max_tokens:
+            return ids
+        if not turns:
+            raise ScratchError(f"the message alone is longer than the {max_tokens} tokens the "
+                               "context leaves; shorten it or lower --max-new-tokens")
+        turns = turns[2:]

@@ -61,6 +61,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.manual = cfg.attention == "manual"
         self.dropout = cfg.dropout
+        self.qk_norm_eps = cfg.norm_eps if cfg.qk_norm else None
         # Separate q, k and v projections (not one fused matmul) so that tensor parallelism can
         # split each by heads: a fused weight sharded by rows would hand a rank all of q.
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
@@ -77,44 +78,70 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, T, n_embd) -> (B, T, n_embd). `mask` (B, T, S) replaces the causal mask when
+        rows of a batch have different lengths (see `padded_causal_mask`); S counts the cached
+        keys and these T."""
         B, T, _ = x.shape
         hd = self.head_dim
         # Head counts are read from the module, not the config: tensor parallelism lowers them
         # to the heads of one rank.
-        q = self.q_proj(x).view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k, v = self._project(x)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        if self.qk_norm_eps is not None:  # each head's q and k to unit RMS, before rotation
+            q = F.rms_norm(q, (hd,), eps=self.qk_norm_eps)
+            k = F.rms_norm(k, (hd,), eps=self.qk_norm_eps)
         if rope is not None:
-            cos, sin = rope  # (T, hd) for the positions of these T tokens
+            cos, sin = rope  # (T, hd), or (B, 1, T, hd) when each row has its own positions
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, n_kv_head, past + T, hd)
         if self.manual:
-            y = self._attend_manual(q, k, v, past)
+            y = self._attend_manual(q, k, v, past, mask)
         else:
-            y = self._attend_fused(q, k, v, past)
+            y = self._attend_fused(q, k, v, past, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hd)  # (B, T, n_head * hd)
         return self.resid_drop(self.proj(y))
 
-    def _attend_fused(self, q, k, v, past: int) -> torch.Tensor:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, T, heads * hd) of x (B, T, n_embd). Plain weights are concatenated at
+        run time into one (n_head + 2 n_kv_head) * hd wide matmul: on the CPU one larger GEMM
+        beats three small ones, and the parameters stay apart for tensor parallelism, whose
+        DTensor weights (like LoRA's hooked layers and int8 ones) take the three calls."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                   and type(m.weight) in (torch.Tensor, nn.Parameter) for m in projs):
+            return tuple(m(x) for m in projs)
+        bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projs])
+        qkv = F.linear(x, torch.cat([m.weight for m in projs]), bias)
+        return qkv.split([m.out_features for m in projs], dim=-1)
+
+    def _attend_fused(self, q, k, v, past: int, mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         T, S = q.size(2), k.size(2)
         if self.n_kv_head != self.n_head:
             k, v = self._repeat_kv(k), self._repeat_kv(v)
-        mask, causal = None, past == 0 and T > 1
-        if past and T > 1:  # a chunk after cached positions: query i sees keys <= past + i
+        causal = mask is None and past == 0 and T > 1
+        if mask is not None:
+            mask = mask[:, None]  # (B, 1, T, S): the same for every head
+        elif past and T > 1:  # a chunk after cached positions: query i sees keys <= past + i
             mask = causal_mask(T, S, q.device)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0)
 
-    def _attend_manual(self, q, k, v, past: int) -> torch.Tensor:
+    def _attend_manual(self, q, k, v, past: int, mask: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         T, S = q.size(2), k.size(2)
         k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, n_head, S, hd)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, n_head, T, S)
-        att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+        seen = causal_mask(T, S, q.device) if mask is None else mask[:, None]
+        att = att.masked_fill(~seen, float("-inf"))
         att = F.softmax(att.float(), dim=-1).type_as(q)
         att = self.attn_drop(att)
         return att @ v  # (B, n_head, T, hd)
@@ -132,3 +159,14 @@ class CausalSelfAttention(nn.Module):
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     """(T, S) booleans, True where query i (at absolute position S - T + i) may see key j."""
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+def padded_causal_mask(start: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """(B, T, S) booleans for rows that begin at key column start[b] (B,) (left padding): query
+    i, at column S - T + i, sees key j when j <= S - T + i and j >= start[b]. A padding query
+    also sees itself, so that no row of the softmax is empty (an all -inf row gives NaN, and
+    0 * NaN in the weighted sum would reach the real rows through the padding's values)."""
+    cols = torch.arange(S, device=start.device)
+    query_cols = cols[S - T:, None]  # (T, 1)
+    mask = (cols[None, :] <= query_cols) & (cols[None, None, :] >= start[:, None, None])
+    return mask | (cols[None, :] == query_cols)  # (B, T, S)
