@@ -7,14 +7,16 @@ tokenizer. Special tokens (document separators) stand for no bytes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT
+from scratchlm.model.logprobs import cross_entropy_sum
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -26,33 +28,30 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def evaluate_batches(logits_of: Callable[[torch.Tensor], torch.Tensor | None],
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      byte_lengths: torch.Tensor, device: str = "cpu",
-                     autocast: torch.autocast | None = None,
-                     logits_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                     autocast: contextlib.AbstractContextManager | None = None,
                      group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """Mean loss (nats/token), perplexity and bits per byte over (inputs, targets) batches.
-    Pipeline stages pass `logits_of` (None except on the last stage) and their `group`, over
-    which the summed loss is shared."""
-    was_training = model.training
-    model.eval()
-    logits_of = logits_of or (lambda x: model(x)[0])
+    """Mean loss (nats/token), perplexity and bits per byte over (inputs, targets) batches,
+    from `logits_of(inputs)` (a model in eval mode). Pipeline stages get None except on the
+    last stage and pass their `group`, over which the summed loss is shared."""
     nats, tokens, n_bytes = torch.zeros((), dtype=torch.float64), 0, 0.0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        with autocast or torch.autocast(device_type="cpu", enabled=False):
+        with autocast or contextlib.nullcontext():
             logits = logits_of(x)
         if logits is not None:
-            nats += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
-                                    reduction="sum").cpu()
+            nats += cross_entropy_sum(logits, y)[0].double().cpu()
         tokens += y.numel()
         n_bytes += byte_lengths[y.cpu()].sum().item()
-    model.train(was_training)
     if group is not None:
         nats = nats.to(device)
         dist.all_reduce(nats, group=group)
+    if tokens == 0:
+        raise ScratchError("no tokens to evaluate on; the text is shorter than one window")
     nats = nats.item()
-    mean = nats / max(tokens, 1)
+    mean = nats / tokens
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)),
             "bpb": nats / math.log(2) / max(n_bytes, 1.0), "tokens": tokens}
 
@@ -74,4 +73,10 @@ def evaluate_text(model: GPT, tokenizer, text: str, block_size: int | None = Non
     ids = tokenizer.encode_batch([text], disallowed_special=())[0]
     block = block_size or model.config.block_size
     lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-    return evaluate_batches(model, text_windows(ids, block, batch_size), lengths, device)
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_batches(lambda x: model(x)[0], text_windows(ids, block, batch_size),
+                                lengths, device)
+    finally:
+        model.train(was_training)
