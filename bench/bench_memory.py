@@ -10,6 +10,7 @@ import torch
 
 from scratchlm.memory import estimate_memory, training_peak_bytes
 from scratchlm.model import GPT, ModelConfig
+from scratchlm.parallel.runtime import apply_activation_checkpointing
 
 B, T = 8, 256
 
@@ -25,7 +26,8 @@ def main() -> None:
             cfg = ModelConfig.from_preset(preset, n_layer=4, n_embd=256, n_head=4,
                                           vocab_size=8192, block_size=T)
             model = GPT(cfg)
-            model.checkpointing = checkpointing
+            if checkpointing:
+                apply_activation_checkpointing(model)
             idx = torch.randint(0, cfg.vocab_size, (B, T))
             peak = training_peak_bytes(model, idx)
             est = estimate_memory(cfg, "fp32", micro_batch=B, seq=T,

@@ -22,6 +22,7 @@ import torch
 from scratchlm.config import Config, load_config
 from scratchlm.memory import estimate_memory
 from scratchlm.model import GPT, ModelConfig
+from scratchlm.model.logprobs import cross_entropy_sum
 from scratchlm.tokenizer import from_gpt2
 from scratchlm.train.pretrain import run_pretraining
 from scratchlm.utils import data_dir
@@ -52,7 +53,8 @@ def memory_check() -> list[dict]:
         for _ in range(2):  # the second step has optimizer state in place
             torch.cuda.reset_peak_memory_stats()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(idx, idx)[1]
+                loss, count = cross_entropy_sum(model(idx)[0], idx)
+                loss = loss / count
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -155,7 +155,7 @@ def test_convert_both_ways(checkpoint: Path, tmp_path: Path, monkeypatch, capsys
     assert (ours(idx)[0] - hf(idx).logits).abs().max() < 1e-4
     assert torch.equal(ours(idx)[0], back(idx)[0])
     code, _, err = run(["convert", "--to-hf", str(tmp_path), "--out", "x"], monkeypatch, capsys)
-    assert code == 2 and "not a model checkpoint" in err
+    assert code == 2 and "not a model directory" in err
 
 
 def test_memory_table(monkeypatch, capsys) -> None:
@@ -174,7 +174,7 @@ def test_memory_table(monkeypatch, capsys) -> None:
 def test_pretrain_bad_config(tmp_path: Path, monkeypatch, capsys) -> None:
     code, _, err = run(["pretrain", "--config", "no-such-recipe", "--out", str(tmp_path)],
                        monkeypatch, capsys)
-    assert code == 2 and "no recipe configs/no-such-recipe.yaml" in err
+    assert code == 2 and "no recipe of that name; recipes: demo" in err
     code, _, err = run(["pretrain", "--config", "tiny-cpu", "--out", str(tmp_path),
                         "--train.lrr=1"], monkeypatch, capsys)
     assert code == 2 and "did you mean 'train.lr'" in err

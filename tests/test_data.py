@@ -16,7 +16,6 @@ from scratchlm.data.clean import (
     clean,
     normalize_text,
     quality_failure,
-    quality_failures,
 )
 from scratchlm.data.dedup import (
     DedupConfig,
@@ -35,6 +34,11 @@ from scratchlm.data.readers import iter_documents
 from scratchlm.data.shards import open_shard, read_header, write_shard
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
+
+
+def books() -> FilterConfig:
+    """Paragraphs of prose: the books preset (web's C4 rules want five sentences each)."""
+    return FilterConfig(preset="books")
 
 
 @pytest.fixture(scope="module")
@@ -110,55 +114,29 @@ def test_reader_errors(tmp_path: Path) -> None:
 def test_normalize_text() -> None:
     raw = "Cafe\u0301\r\n\x00tab\there   and\u200b there  \n\n\n\n\nend \ufeff"
     assert normalize_text(raw) == "Café\ntab here and there\n\nend"
-    cfg = FilterConfig()
+    cfg = FilterConfig(boilerplate=["use cookies"])
     assert clean("keep me\nWe use cookies on this site.\nand me", cfg) == "keep me\nand me"
 
 
-def test_each_filter_catches_its_case(austen_paragraphs: list[str]) -> None:
-    cfg = FilterConfig()
-    good = austen_paragraphs[0]
+def test_each_rule_catches_its_case(austen_paragraphs: list[str]) -> None:
+    """A few hand-made cases, each failing the rule it names under the web preset (the full
+    agreement with datatrove is in test_data_filters.py)."""
+    cfg = FilterConfig(preset="web")
+    good = "\n".join(austen_paragraphs[:3])
     assert quality_failure(good, cfg) is None
     cases = {
-        "min_words": "too short to keep",
-        "max_words": " ".join(["word"] * 100_001),
-        "mean_word_length": " ".join(["a bb c d"] * 30),
-        "symbol_ratio": " ".join(f"#tag{i} word..." for i in range(60)),
-        "bullet_lines": "\n".join(f"- item {i} with some words here" for i in range(30)),
-        "ellipsis_lines": "\n".join(f"line {i} trails off while everyone waits and waits "
-                                     "and waits for more..." for i in range(30)),
-        "alpha_words": " ".join(f"{i * 1000} {i * 7001} ok{i} 1,234,567" for i in range(40)),
-        "duplicate_lines": "\n".join(["The same long line repeated over and over again."] * 20
-                                     + [good[:200]]),
-        "top_2gram": " ".join(["of the"] * 60) + " " + good[:300],
-        "dup_5gram": good + " " + good,
+        "gopher_short_doc": " ".join(good.split()[:40]),
+        "top_2_gram": " ".join(["of the"] * 60) + " " + good[:300],
+        "duplicated_5_n_grams": " ".join(good.split() + good.split()[:150]),
+        "dup_line_frac": "\n".join(["The same line, over and over again."] * 20 + [good]),
+        "gopher_too_many_bullets": "\n".join(f"- {' '.join(good.split()[9 * i:9 * i + 9])}"
+                                             for i in range(40)),
+        "too_few_sentences": good.replace(".", ""),
+        "curly_bracket": good + "\nA line with {braces} in it ends here.",
     }
     for name, text in cases.items():
-        assert quality_failure(text, cfg) == name
-    off = FilterConfig(min_words=None, max_words=None, min_mean_word_length=None,
-                       max_mean_word_length=None, max_symbol_ratio=None, max_bullet_lines=None,
-                       max_ellipsis_lines=None, min_alpha_words=None,
-                       max_duplicate_line_chars=None, max_top_ngram_chars=None,
-                       max_dup_ngram_chars=None)
-    assert all(quality_failure(t, off) is None for t in cases.values())
-
-
-def test_a_batch_is_filtered_as_its_documents_one_by_one(austen_paragraphs: list[str]) -> None:
-    """The repetition rules run over a batch's words concatenated: no n-gram may reach across
-    documents, and each document's verdict must be the one it gets alone."""
-    docs = austen_paragraphs[:40]
-    docs += [" ".join(["of the"] * 60) + " " + docs[0][:300], docs[1] + " " + docs[1],
-             "a few words", "", " ".join(["word"] * 30), docs[2][:200] + " " + docs[2][:200]]
-    docs += [d.upper() for d in docs[:5]]  # repetition compares lower-cased words
-    cfg = FilterConfig(min_words=5)
-    alone = [quality_failure(d, cfg) for d in docs]
-    assert quality_failures(docs, cfg) == alone
-    assert {"top_2gram", "dup_5gram", "min_words", "empty"} <= set(alone)
-    # An n-gram reaching into the next document would repeat one of this document's.
-    words = "alpha bravo charlie delta echo foxtrot golf hotel".split()
-    pair = [" ".join(words + words[:3]), " ".join(words[3:] + ["india"] * 3)]
-    only_dup = FilterConfig(min_words=5, max_top_ngram_chars=None)
-    assert quality_failures(pair, only_dup) == [None, None]
-    assert quality_failure(" ".join(pair), only_dup) == "dup_5gram"
+        assert quality_failure(text, cfg) == name, name
+    assert all(quality_failure(t, FilterConfig(preset="none")) is None for t in cases.values())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,14 +287,15 @@ def test_shard_round_trip_and_corruption(tmp_path: Path) -> None:
 
 def test_prepare_counts_and_shards(tmp_path: Path, tok_dir: Path, shared_data: Path) -> None:
     corpus = shared_data / "corpus" / "austen"
-    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=100_000, val_fraction=0.05)
-    cfg.filters.min_words = 20
+    cfg = DataConfig(separator="\n\n", workers=1, filters=books(),
+                     shard_tokens=100_000, val_fraction=0.05)
+    cfg.filters.gopher_quality.min_doc_words = 20
     m = prepare([corpus, corpus / "emma.txt"], tok_dir, tmp_path / "d", cfg, progress=False)
     removed = sum(r["documents"] for r in m["removed"].values())
     assert m["documents_in"] == m["documents_kept"] + removed
     # emma.txt is read twice: every one of its kept paragraphs is an exact duplicate the 2nd time
     assert m["removed"]["exact_duplicate"]["documents"] >= 1000
-    assert m["removed"]["min_words"]["documents"] > 0
+    assert m["removed"]["gopher_short_doc"]["documents"] > 0
     assert sum(s["tokens"] for s in m["shards"]) == m["tokens"] == m["tokens_train"] + m[
         "tokens_val"]
     assert 0.02 < m["tokens_val"] / m["tokens"] < 0.09
@@ -334,7 +313,8 @@ def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_dat
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = [shared_data / "corpus" / "austen" / f for f in ("persuasion.txt",
                                                              "northangerabbey.txt")]
-    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=25_000, val_fraction=0.05)
+    cfg = DataConfig(separator="\n\n", workers=1, filters=books(),
+                     shard_tokens=25_000, val_fraction=0.05)
     whole = prepare(corpus, tok_dir, tmp_path / "whole", cfg, progress=False)
     real_finish, calls = prepare_mod.finish_shard, []
 
@@ -372,7 +352,7 @@ def test_prepare_bad_input(tmp_path: Path, tok_dir: Path) -> None:
 def test_prepare_with_worker_processes_matches_one_process(tmp_path: Path, tok_dir: Path,
                                                            shared_data: Path) -> None:
     files = [shared_data / "corpus" / "austen" / "persuasion.txt"]
-    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=1_000_000)
+    cfg = DataConfig(separator="\n\n", workers=1, filters=books(), shard_tokens=1_000_000)
     one = prepare(files, tok_dir, tmp_path / "one", cfg, progress=False)
     cfg.workers = 2
     two = prepare(files, tok_dir, tmp_path / "two", cfg, progress=False)
@@ -389,7 +369,8 @@ def test_prepare_with_worker_processes_matches_one_process(tmp_path: Path, tok_d
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tok_dir: Path, shared_data: Path) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    cfg = DataConfig(separator="\n\n", workers=1, shard_tokens=50_000, val_fraction=0.05)
+    cfg = DataConfig(separator="\n\n", workers=1, filters=books(),
+                     shard_tokens=50_000, val_fraction=0.05)
     prepare([shared_data / "corpus" / "austen" / "emma.txt"], tok_dir, out, cfg, progress=False)
     return out
 
@@ -444,10 +425,10 @@ def test_val_inputs_hold_out_whole_files(tmp_path: Path, tok_dir: Path,
                                          shared_data: Path) -> None:
     train, val = (shared_data / "corpus" / "austen" / f for f in ("persuasion.txt",
                                                                   "northangerabbey.txt"))
-    cfg = DataConfig(separator="\n\n", workers=1, val_inputs=[str(val)])
+    cfg = DataConfig(separator="\n\n", workers=1, filters=books(), val_inputs=[str(val)])
     cfg.dedup.exact = cfg.dedup.near = False
     both = prepare([train], tok_dir, tmp_path / "both", cfg, progress=False)
-    alone = DataConfig(separator="\n\n", workers=1, val_fraction=0.0)
+    alone = DataConfig(separator="\n\n", workers=1, filters=books(), val_fraction=0.0)
     alone.dedup.exact = alone.dedup.near = False
     only_val = prepare([val], tok_dir, tmp_path / "val", alone, progress=False)
     only_train = prepare([train], tok_dir, tmp_path / "train", alone, progress=False)

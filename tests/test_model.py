@@ -15,6 +15,8 @@ from scratchlm.memory import count_params
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.model.checkpoint import load_model, save_model
 from scratchlm.model.hf import from_hf, save_hf, to_hf
+from scratchlm.model.logprobs import cross_entropy_sum, sequence_logprobs, token_logprobs
+from scratchlm.parallel.runtime import apply_activation_checkpointing
 
 transformers.logging.set_verbosity_error()
 
@@ -99,10 +101,23 @@ def test_loss_ignores_minus_100() -> None:
     idx = torch.randint(0, 512, (2, 12))
     targets = idx.clone()
     targets[:, :5] = -100
-    logits, loss = model(idx, targets)
+    logits, hidden = model(idx)
+    assert hidden.shape == (2, 12, 64)
+    loss, count = cross_entropy_sum(logits, targets)
     ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 512),
-                                            targets[:, 5:].reshape(-1))
-    assert torch.allclose(loss, ref, atol=1e-6)
+                                            targets[:, 5:].reshape(-1), reduction="sum")
+    assert int(count) == 14 and torch.allclose(loss, ref, atol=1e-5)
+    logp = token_logprobs(logits, targets)
+    assert torch.all(logp[:, :5] == 0) and torch.allclose(-logp.sum(), ref, atol=1e-5)
+    assert torch.allclose(sequence_logprobs(logits, targets, "mean"), logp.sum(-1) / 7)
+    assert model(idx, logits=False)[0] is None  # hidden states alone, for heads
+
+
+def test_token_ids_out_of_range_are_a_clear_error() -> None:
+    model = GPT(ModelConfig.from_preset("gpt2-tiny"))
+    for bad in (512, -1):
+        with pytest.raises(ScratchError, match=f"token id {bad} is outside"):
+            model(torch.tensor([[1, bad, 2]]))
 
 
 def test_input_longer_than_context_is_a_clear_error() -> None:
@@ -124,7 +139,8 @@ def test_manual_attention_equals_fused(preset: str, kw: dict) -> None:
     manual = GPT(ModelConfig.from_preset(preset, attention="manual", **kw))
     manual.load_state_dict(fused.state_dict())
     idx = torch.randint(0, 512, (3, 40))
-    (lf, loss_f), (lm, loss_m) = fused(idx, idx), manual(idx, idx)
+    lf, lm = fused(idx)[0], manual(idx)[0]
+    loss_f, loss_m = cross_entropy_sum(lf, idx)[0], cross_entropy_sum(lm, idx)[0]
     assert max_diff(lf, lm) < 1e-5
     loss_f.backward()
     loss_m.backward()
@@ -135,11 +151,11 @@ def test_manual_attention_equals_fused(preset: str, kw: dict) -> None:
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
     model = GPT(ModelConfig.from_preset("llama-tiny"))
     idx = torch.randint(0, 512, (2, 32))
-    model(idx, idx)[1].backward()
+    cross_entropy_sum(model(idx)[0], idx)[0].backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.checkpointing = True
-    model(idx, idx)[1].backward()
+    apply_activation_checkpointing(model)
+    cross_entropy_sum(model(idx)[0], idx)[0].backward()
     for g, p in zip(plain, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
 

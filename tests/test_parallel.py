@@ -16,37 +16,9 @@ from scratchlm.config import Config, load_config
 from scratchlm.errors import ScratchError
 from scratchlm.train.pretrain import run_pretraining
 
+from helpers import losses, run_plan, torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows]
-
-
-# Once in about 30 runs on this 2-core machine a gloo process aborted with this C++ message
-# (no Python error): a teardown race between the two processes, not a wrong result. Such a run
-# is tried once more; any other failure fails the test.
-GLOO_ABORT = "terminate called without an active exception"
-
-
-def torchrun(*args: str, procs: int = 2, script: Path | None = None
-             ) -> subprocess.CompletedProcess:
-    """`torchrun ... -m scratchlm ARGS` (or `torchrun ... SCRIPT ARGS`), tried once more on
-    the gloo teardown abort above."""
-    exe = Path(sys.executable).parent / "torchrun"
-    if not exe.is_file():
-        pytest.skip("torchrun not installed beside this Python")
-    target = [str(script)] if script else ["-m", "scratchlm"]
-    for attempt in range(2):
-        done = subprocess.run([str(exe), "--standalone", f"--nproc_per_node={procs}", *target,
-                               *args], capture_output=True, text=True)
-        if done.returncode == 0 or GLOO_ABORT not in done.stderr or attempt:
-            break
-        if "--out" in args:  # start the run again from nothing
-            shutil.rmtree(Path(args[args.index("--out") + 1]), ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def common(prepared, steps: int) -> list[str]:
@@ -64,27 +36,6 @@ VARIANTS = {
              "--model.bias=true"],
     "gqa": ["--model.n_kv_head=2", "--model.tie_embeddings=false"],
 }
-
-
-@pytest.fixture(scope="module")
-def singles(prepared, tmp_path_factory) -> dict[str, Path]:
-    """The references: one process, 12 steps, per model variant (each run when first used)."""
-
-    class Runs(dict):
-        def __missing__(self, variant: str) -> Path:
-            out = tmp_path_factory.mktemp(f"single-{variant}")
-            subprocess.run([sys.executable, "-m", "scratchlm", *common(prepared, 12),
-                            *VARIANTS[variant], "--out", str(out)],
-                           check=True, capture_output=True)
-            self[variant] = out
-            return out
-
-    return Runs()
-
-
-@pytest.fixture(scope="module")
-def single(singles) -> Path:
-    return singles["llama"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -113,58 +64,83 @@ LAYOUTS = {
     "dp-x-pp": ("llama", 4, ["--parallel.dp=2", "--parallel.pp=2"]),
 }
 
+# Saved under one layout at step 6, resumed under another to step 12.
+RESUMES = {
+    "zero3-to-1": (["--parallel.dp=2", "--parallel.zero=3"], []),
+    "pp-to-tp": (["--parallel.pp=2"], ["--parallel.tp=2"]),
+    "1-to-pp": ([], ["--parallel.pp=2"]),
+    "tp-to-zero1": (["--parallel.tp=2"], ["--parallel.dp=2", "--parallel.zero=1"]),
+}
+
+
+def procs(flags: list[str]) -> int:
+    n = 1
+    for flag in flags:
+        if flag.split("=")[0] in ("--parallel.dp", "--parallel.tp", "--parallel.pp"):
+            n *= int(flag.split("=")[1])
+    return n
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory) -> Path:
+    """Every run the tests below compare, made once: the single-process references, every
+    layout, and the layout-to-layout resumes, each group of runs with the same number of
+    processes in one launch (tests/run_plan.py), so that torch's start-up is paid once per
+    group rather than once per run."""
+    root = tmp_path_factory.mktemp("layouts")
+    plans: dict[int, list[dict]] = {1: [], 2: [], 4: []}
+    for variant, flags in VARIANTS.items():
+        plans[1].append({"argv": common(prepared, 12) + flags,
+                         "out": str(root / f"single-{variant}")})
+    for name, (variant, n, flags) in LAYOUTS.items():
+        plans[n].append({"argv": common(prepared, 12) + VARIANTS[variant] + flags,
+                         "out": str(root / name)})
+    for name, (first, _) in RESUMES.items():
+        plans[procs(first)].append({"argv": common(prepared, 6) + first,
+                                    "out": str(root / f"resume-{name}")})
+    for n, plan in plans.items():
+        run_plan(plan, root, n)
+    second: dict[int, list[dict]] = {1: [], 2: []}
+    for name, (_, flags) in RESUMES.items():
+        shutil.rmtree(root / f"resume-{name}" / "final")
+        second[procs(flags)].append({"argv": common(prepared, 12) + flags, "resume": True,
+                                     "out": str(root / f"resume-{name}")})
+    for n, plan in second.items():
+        run_plan(plan, root, n)
+    return root
+
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_layout_equals_one_process(prepared, singles, tmp_path: Path, layout: str) -> None:
+def test_every_layout_equals_one_process(runs: Path, layout: str) -> None:
     """torchrun over 2 (or 4) processes trains on the very batches one process draws: the
     same losses step for step and the same final weights, whatever the layout."""
-    variant, procs, flags = LAYOUTS[layout]
-    torchrun(*common(prepared, 12), *VARIANTS[variant], "--out", str(tmp_path), *flags,
-             procs=procs)
-    assert_same_run(singles[variant], tmp_path)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+    variant = LAYOUTS[layout][0]
+    run = runs / layout
+    assert_same_run(runs / f"single-{variant}", run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-000006", "step-000012"]
     # What the fullest rank holds, against `scratchlm memory` for the same layout (ZeRO-2 keeps
     # weights sharded at rest, as ZeRO-3 does).
     from scratchlm.memory import estimate_memory
 
-    cfg = load_config(Config, tmp_path / "config.yaml")
+    cfg = load_config(Config, run / "config.yaml")
     p = cfg.parallel
     est = estimate_memory(cfg.model, "fp32", zero=3 if p.zero >= 2 else p.zero, gpus=p.dp,
                           tp=p.tp, pp=p.pp)
-    held = json.loads((tmp_path / "summary.json").read_text())["per_rank_bytes"]
+    held = json.loads((run / "summary.json").read_text())["per_rank_bytes"]
     for key, predicted in [("weights", est.weights), ("gradients", est.gradients),
                            ("optimizer", est.optimizer)]:
         assert held[key] == pytest.approx(predicted, rel=0.02), key
 
 
-def launch(prepared, steps: int, out: Path, flags: list[str], *extra: str) -> None:
-    """One run: a plain process without layout flags, else torchrun over 2 processes."""
-    args = [*common(prepared, steps), "--out", str(out), *flags, *extra]
-    if flags:
-        torchrun(*args)
-    else:
-        subprocess.run([sys.executable, "-m", "scratchlm", *args], check=True,
-                       capture_output=True)
-
-
 @pytest.mark.distributed
-@pytest.mark.parametrize("first,second", [
-    (["--parallel.dp=2", "--parallel.zero=3"], []),
-    (["--parallel.pp=2"], ["--parallel.tp=2"]),
-    ([], ["--parallel.pp=2"]),
-    (["--parallel.tp=2"], ["--parallel.dp=2", "--parallel.zero=1"]),
-], ids=["zero3-to-1", "pp-to-tp", "1-to-pp", "tp-to-zero1"])
-def test_checkpoint_resumes_under_another_layout(prepared, single: Path, tmp_path: Path,
-                                                 first: list[str], second: list[str]) -> None:
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_checkpoint_resumes_under_another_layout(runs: Path, name: str) -> None:
     """Saved under one layout at step 6, resumed under another to step 12: the same run as a
     single process alone (checkpoints hold the whole state, by name, so any layout reads
     them)."""
-    launch(prepared, 6, tmp_path, first)
-    shutil.rmtree(tmp_path / "final")
-    launch(prepared, 12, tmp_path, second, "--resume")
-    assert_same_run(single, tmp_path)
+    assert_same_run(runs / "single-llama", runs / f"resume-{name}")
 
 
 def test_layout_must_fit_the_processes(prepared, tmp_path: Path) -> None:
@@ -189,14 +165,14 @@ def test_layout_must_fit_the_processes(prepared, tmp_path: Path) -> None:
 def test_impossible_layouts_are_refused(flags: list[str], message: str) -> None:
     from scratchlm.parallel import check_layout
 
-    cfg = load_config(Config, ROOT / "configs" / "tiny-cpu.yaml", flags)
-    p = cfg.parallel
-    with pytest.raises(ScratchError, match=message):
+    with pytest.raises(ScratchError, match=message):  # where the config is built, or after
+        cfg = load_config(Config, ROOT / "configs" / "tiny-cpu.yaml", flags)
+        p = cfg.parallel
         check_layout(p, cfg.model, p.dp * p.tp * p.pp)
 
 
 @pytest.mark.distributed
-def test_two_nodes_on_loopback_equal_one_process(prepared, single: Path, tmp_path: Path) -> None:
+def test_two_nodes_on_loopback_equal_one_process(prepared, runs: Path, tmp_path: Path) -> None:
     """Two torchrun launches, one per "node" (rendezvous on 127.0.0.1), train as one job."""
     import socket
 
@@ -214,39 +190,50 @@ def test_two_nodes_on_loopback_equal_one_process(prepared, single: Path, tmp_pat
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
-    assert_same_run(single, tmp_path)
+    assert_same_run(runs / "single-llama", tmp_path)
 
 
 MEMORY_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from scratchlm.memory import held_bytes
 from scratchlm.model import GPT, ModelConfig
+from scratchlm.model.logprobs import cross_entropy_sum
 from scratchlm.parallel.ddp import apply_ddp
 from scratchlm.parallel.fsdp import apply_fsdp
 from scratchlm.parallel.zero1 import ZeroOneOptimizer
 from torch.distributed.device_mesh import init_device_mesh
-from scratchlm.train.optim import build_optimizer
+from scratchlm.train.optim import build_optimizer, param_groups
 dist.init_process_group("gloo")
-zero, out = int(sys.argv[1]), sys.argv[2]
-torch.manual_seed(0)
-model = GPT(ModelConfig.from_preset("llama-tiny", n_layer=4, n_embd=128, vocab_size=1024))
+out = sys.argv[1]
 mesh = init_device_mesh("cpu", (2,))
-forward = apply_fsdp(model, mesh, zero) if zero >= 2 else apply_ddp(model, "cpu")
-opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
-if zero == 1:
-    opt = ZeroOneOptimizer(opt)
-x = torch.randint(0, 1024, (2, 32))
-forward(x, x)[1].backward()
-opt.step()
-json.dump(held_bytes(model, opt), open(f"{out}/rank{dist.get_rank()}.json", "w"))
+for zero in range(4):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("llama-tiny", n_layer=4, n_embd=128, vocab_size=1024))
+    forward = apply_fsdp(model, model, mesh, zero) if zero >= 2 else apply_ddp(model, "cpu")
+    opt = build_optimizer(param_groups(model, 0.1), 1e-3, (0.9, 0.95))
+    if zero == 1:
+        opt = ZeroOneOptimizer(opt)
+    x = torch.randint(0, 1024, (2, 32))
+    cross_entropy_sum(forward(x)[0], x)[0].backward()
+    opt.step()
+    json.dump(held_bytes(model, opt), open(f"{out}/zero{zero}-rank{dist.get_rank()}.json", "w"))
 dist.barrier()  # no rank leaves while another still talks to it
 dist.destroy_process_group()
 """
 
 
+@pytest.fixture(scope="module")
+def held(tmp_path_factory) -> Path:
+    """What each rank holds after one step under ZeRO 0 to 3 (one launch for the four)."""
+    root = tmp_path_factory.mktemp("held")
+    (root / "mem.py").write_text(MEMORY_SCRIPT)
+    torchrun(str(root), script=root / "mem.py")
+    return root
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_per_rank_state_matches_the_memory_estimator(tmp_path: Path, zero: int) -> None:
+def test_per_rank_state_matches_the_memory_estimator(held: Path, zero: int) -> None:
     """What a rank holds after a step: weights, gradients and AdamW state are whole under DDP;
     on 2 ranks the AdamW state is about half under ZeRO-1, and all three are about half under
     ZeRO-2/3 at rest, as `scratchlm memory` predicts (ZeRO-2 gathers whole weights only while
@@ -254,9 +241,7 @@ def test_per_rank_state_matches_the_memory_estimator(tmp_path: Path, zero: int) 
     from scratchlm.memory import estimate_memory
     from scratchlm.model import ModelConfig
 
-    (tmp_path / "mem.py").write_text(MEMORY_SCRIPT)
-    torchrun(str(zero), str(tmp_path), script=tmp_path / "mem.py")
-    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    rows = [json.loads((held / f"zero{zero}-rank{r}.json").read_text()) for r in (0, 1)]
     cfg = ModelConfig.from_preset("llama-tiny", n_layer=4, n_embd=128, vocab_size=1024)
     est = estimate_memory(cfg, "fp32", zero=3 if zero >= 2 else zero, gpus=2)
     for row in rows:

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from scratchlm.config import Config, load_config
 from scratchlm.data.prepare import tokenizer_fingerprint
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
 from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.optim import build_optimizer, param_groups
-from scratchlm.train.pretrain import build_model, run_pretraining
+from scratchlm.train.optim import param_groups
+from scratchlm.train.pretrain import PretrainObjective, build_model, run_pretraining
 from scratchlm.train.schedule import lr_at
 from scratchlm.train.trainer import Trainer
+
+from helpers import sigkill_then_resume, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +31,20 @@ def tiny(prepared, *overrides: str) -> Config:
                         *overrides])
 
 
-def make_trainer(prepared, out: Path, *overrides: str, resume: bool = False) -> Trainer:
+def make_trainer(prepared, out: Path, *overrides: str, resume: bool = False,
+                 objective_class: type = PretrainObjective, freeze: str | None = None
+                 ) -> Trainer:
+    """The pretraining loop on the tiny-cpu recipe, through the public API: a model, an
+    objective and the loop (`freeze` names a parameter to freeze first)."""
     cfg = tiny(prepared, *overrides)
     tok = BPETokenizer.load(prepared[0])
     model, cfg = build_model(cfg, tok)
-    return Trainer(cfg, model, tok, prepared[1], out, tokenizer_fingerprint(prepared[0]), resume,
+    if freeze:
+        model.get_parameter(freeze).requires_grad_(False)
+    objective = objective_class(prepared[1], tok, tokenizer_fingerprint(prepared[0]),
+                                cfg.model.block_size, cfg.model.vocab_size,
+                                cfg.train.eval_batches, cfg.train.sample_tokens)
+    return Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tok, resume,
                    progress=False)
 
 
@@ -90,15 +96,13 @@ def test_loss_falls_and_run_writes_its_files(prepared, tmp_path: Path) -> None:
     final = load_model(tmp_path / "final")
     assert all((tmp_path / "final" / f).is_file() for f in ("bpe.json", "run.yaml"))
     assert final.config.vocab_size == 2048
-    with pytest.raises(ScratchError, match="already has checkpoints; pass --resume"):
+    with pytest.raises(ScratchError, match="already holds a run; pass --resume"):
         run_pretraining(cfg, tmp_path, progress=False)
 
 
 def test_trainable_parameters_change_frozen_ones_do_not(prepared, tmp_path: Path) -> None:
-    trainer = make_trainer(prepared, tmp_path)
+    trainer = make_trainer(prepared, tmp_path, freeze="blocks.0.attn.q_proj.weight")
     frozen = trainer.model.blocks["0"].attn.q_proj.weight
-    frozen.requires_grad_(False)
-    trainer.optimizer = build_optimizer(trainer.model, 1e-3, 0.1, (0.9, 0.95))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     for _ in range(3):
         trainer.train_step()
@@ -117,11 +121,8 @@ def test_accumulation_4x1_equals_1x4(prepared, tmp_path: Path) -> None:
         trainer = make_trainer(prepared, tmp_path / str(micro), f"--train.micro_batch={micro}",
                                "--train.global_batch_tokens=512", "--train.grad_clip=0")
         assert trainer.accumulation == 4 // micro
-        seen = {}
-        trainer.optimizer.step = lambda t=trainer, seen=seen: seen.update(
-            {n: p.grad.clone() for n, p in t.model.named_parameters()})
-        trainer.train_step()
-        grads.append(seen)
+        trainer.compute_gradients()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-7, rtol=1e-4)
@@ -149,17 +150,19 @@ def test_mixed_precision_stays_close_to_fp32(prepared, tmp_path: Path, precision
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(prepared, tmp_path: Path) -> None:
+    class Poisoned(PretrainObjective):
+        """A loss that turns NaN from the 9th micro-batch (step 5) on."""
+
+        calls = 0
+
+        def loss(self, model, extras, batch):
+            Poisoned.calls += 1
+            loss, count = super().loss(model, extras, batch)
+            return (loss * float("nan") if Poisoned.calls > 8 else loss), count
+
     trainer = make_trainer(prepared, tmp_path, "--train.max_bad_steps=3",
-                           "--train.checkpoint_every=2", "--train.eval_every=0")
-    real_forward = trainer.forward
-    calls = {"n": 0}
-
-    def poisoned(x, y):
-        calls["n"] += 1
-        logits, loss = real_forward(x, y)
-        return logits, loss * float("nan") if calls["n"] > 8 else loss  # from step 5 on
-
-    trainer.forward = poisoned
+                           "--train.checkpoint_every=2", "--train.eval_every=0",
+                           objective_class=Poisoned)
     with pytest.raises(ScratchError, match="not finite for 3 steps in a row.*step-000004"):
         trainer.run()
     assert trainer.skipped == 3
@@ -184,11 +187,14 @@ def test_resume_falls_back_past_a_damaged_checkpoint(prepared, tmp_path: Path, c
     assert resumed.step == 4
 
 
-def test_checkpoint_of_another_model_is_refused(prepared, tmp_path: Path, capsys) -> None:
+def test_checkpoint_of_another_model_is_refused(prepared, tmp_path: Path) -> None:
+    """Resuming with another model shape refuses, naming what differs, and changes nothing."""
     make_trainer(prepared, tmp_path, "--train.max_steps=2", "--train.eval_every=0").run()
-    other = make_trainer(prepared, tmp_path, "--model.n_embd=32", resume=True)
-    out = capsys.readouterr().out
-    assert "checkpoint of another model (n_embd 64 vs 32" in out and other.step == 0
+    before = snapshot(tmp_path)
+    with pytest.raises(ScratchError, match=r"no checkpoint loads .*another model \(n_embd 64 "
+                                           r"vs 32.*nothing was changed"):
+        make_trainer(prepared, tmp_path, "--model.n_embd=32", resume=True)
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.slow
@@ -196,29 +202,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(prepared, tmp_path: Path) 
     """Kill a run with SIGKILL mid-way, resume it: the final weights are bitwise those of the
     same run left alone (CPU, fp32, dropout off)."""
     tok_dir, data_dir = prepared
-    base = [sys.executable, "-m", "scratchlm", "pretrain", "--config", "tiny-cpu", "--quiet",
-            f"--tokenizer.path={tok_dir}", f"--data.shards={data_dir}",
-            "--train.max_steps=40", "--train.checkpoint_every=10",
+    argv = ["pretrain", "--config", "tiny-cpu", "--quiet", f"--tokenizer.path={tok_dir}",
+            f"--data.shards={data_dir}", "--train.max_steps=40", "--train.checkpoint_every=10",
             "--train.global_batch_tokens=8192"]
-    subprocess.run(base + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
-    proc = subprocess.Popen(base + ["--out", str(tmp_path / "killed")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed" / "checkpoints" / "step-000020").is_dir():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "final").exists()
-    subprocess.run(base + ["--out", str(tmp_path / "killed"), "--resume"], check=True,
-                   capture_output=True)
-    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    killed = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    whole, killed = sigkill_then_resume(argv, tmp_path, 20, ["model.safetensors"])
+    whole = json.loads((whole / "summary.json").read_text())
+    killed = json.loads((killed / "summary.json").read_text())
     assert whole["val"]["loss"] == killed["val"]["loss"]
     assert math.isfinite(whole["val"]["loss"])
 

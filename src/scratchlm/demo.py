@@ -17,7 +17,13 @@ from scratchlm.errors import ScratchError
 from scratchlm.generate import generate_text
 from scratchlm.model.checkpoint import load_model
 from scratchlm.tokenizer import BPETokenizer
-from scratchlm.train.pretrain import ensure_data, ensure_tokenizer, run_pretraining
+from scratchlm.train.pretrain import (
+    check_data,
+    check_tokenizer,
+    ensure_data,
+    ensure_tokenizer,
+    run_pretraining,
+)
 from scratchlm.utils import atomic_write_text, data_dir
 
 PROMPTS = ["ROMEO:\n", "HAMLET:\nTo be, or not", "KING HENRY V:\nOnce more"]
@@ -30,26 +36,38 @@ def _shape(cfg: Config) -> dict:
             "model": {k: v for k, v in to_dict(cfg.model).items() if k != "vocab_size"}}
 
 
-def trained_model(cfg: Config, out: Path, prepared: tuple[Path, Path], progress: bool
-                  ) -> tuple[dict, bool]:
-    """Pretrain, continue an interrupted run, or reuse a finished run of the same config."""
+def finished_summary(cfg: Config, out: Path) -> dict | None:
+    """The summary of a finished run of the same config in `out`; an error for another
+    config's."""
     summary, saved = out / "summary.json", out / "final" / "run.yaml"
-    if summary.is_file() and saved.is_file():
-        if _shape(load_config(Config, saved)) != _shape(cfg):
-            raise ScratchError(f"{out} holds a finished run of another config; use another "
-                               "--out or delete it")
+    if not (summary.is_file() and saved.is_file()):
+        return None
+    if _shape(load_config(Config, saved)) != _shape(cfg):
+        raise ScratchError(f"{out} holds a finished run of another config; use another --out "
+                           "or delete it")
+    return json.loads(summary.read_text())
+
+
+def trained_model(cfg: Config, out: Path, prepared: tuple[Path, Path], progress: bool,
+                  finished: dict | None) -> tuple[dict, bool]:
+    """Pretrain, continue an interrupted run, or reuse a finished run of the same config."""
+    if finished is not None:
         print(f"[train] reusing the finished run in {out}")
-        return json.loads(summary.read_text()), True
+        return finished, True
     resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     return run_pretraining(cfg, out, resume, progress, prepared), False
 
 
 def run_demo(cfg: Config, out: Path, progress: bool = True) -> Path:
+    # Check everything already in `out` first, write after: a refused run changes nothing.
+    check_tokenizer(cfg, out)
+    check_data(cfg, out)
+    finished = finished_summary(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tok_dir = ensure_tokenizer(cfg, out, progress)
     shards = ensure_data(cfg, out, tok_dir, progress)
-    summary, reused = trained_model(cfg, out, (tok_dir, shards), progress)
+    summary, reused = trained_model(cfg, out, (tok_dir, shards), progress, finished)
     tok = BPETokenizer.load(tok_dir)
     model = load_model(out / "final")
     samples = [generate_text(model, tok, p, 120, temperature=0.8, top_k=50, seed=k)

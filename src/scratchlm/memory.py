@@ -54,6 +54,34 @@ def count_params(cfg: ModelConfig, tp: int = 1, pp: int = 1) -> int:
     return max(emb + blocks, blocks + norm + head)  # the first stage, or the last
 
 
+def lora_params(cfg: ModelConfig, rank: int, targets: list[str]) -> int:
+    """Parameters of LoRA adapters of `rank` on the layers `targets` names (see
+    scratchlm.model.lora): rank * (inputs + outputs) per adapted layer."""
+    C, hd, H, kv, inner = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, \
+        cfg.intermediate_size
+    shapes = {"q": [(C, H * hd)], "k": [(C, kv * hd)], "v": [(C, kv * hd)], "o": [(H * hd, C)],
+              "mlp": [(C, inner)] * (2 if cfg.mlp == "swiglu" else 1) + [(inner, C)]}
+    chosen = {part for t in targets for part in
+              (["q", "k", "v", "o"] if t == "attn" else [] if t == "head" else [t])}
+    per_block = sum(rank * (i + o) for t in chosen for i, o in shapes[t])
+    head = rank * (C + cfg.vocab_size) if "head" in targets else 0
+    return cfg.n_layer * per_block + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls of forward + backward over the
+    non-embedding parameters plus the head (Kaplan et al. 2020; the head is a matmul even when
+    tied), plus 12 * n_layer * n_head * head_dim * T for attention scores and the weighted sum
+    (Chowdhery et al. 2022, appendix B). From the config alone, so that it is the whole
+    model's count on every rank of a layout that holds a part of it."""
+    n = count_params(cfg) - cfg.vocab_size * cfg.n_embd
+    if cfg.pos_emb == "learned":
+        n -= cfg.block_size * cfg.n_embd
+    if cfg.tie_embeddings:
+        n += cfg.vocab_size * cfg.n_embd
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
 def activation_elements(cfg: ModelConfig, seq: int) -> tuple[float, float]:
     """(per layer, outside the layers) elements autograd saves per token in training."""
     C, hd, H, kv, inner = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, \
@@ -108,24 +136,44 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     tp: int = 1,
     pp: int = 1,
+    lora_rank: int = 0,
+    lora_targets: list[str] = ("attn",),
 ) -> MemoryEstimate:
     """Peak training memory per device, by component. `gpus` is the number of data-parallel
     ranks (over which ZeRO shards), `tp` and `pp` the tensor-parallel ranks (with sequence
-    parallelism) and pipeline stages (1F1B, at least pp micro-batches per step)."""
+    parallelism) and pipeline stages (1F1B, at least pp micro-batches per step). With
+    `lora_rank`, the base is frozen: only the adapters have gradients and optimizer state (the
+    adapters' own small activations, rank values per adapted layer and token, are not
+    counted)."""
     if zero not in (0, 1, 2, 3):
         raise ScratchError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if min(gpus, micro_batch, tp, pp) < 1:
         raise ScratchError("gpus, micro_batch, tp and pp must be at least 1")
-    seq = seq or cfg.block_size
+    seq = cfg.block_size if seq is None else seq
+    if seq < 1:
+        raise ScratchError(f"seq must be at least 1, got {seq}")
+    for what, n in [("n_head", cfg.n_head), ("n_kv_head", cfg.n_kv_head),
+                    ("intermediate_size", cfg.intermediate_size)]:
+        if n % tp:
+            raise ScratchError(f"{what} ({n}) is not divisible by tp ({tp}); each "
+                               "tensor-parallel rank takes an equal share")
+    if cfg.n_layer % pp:
+        raise ScratchError(f"n_layer ({cfg.n_layer}) is not divisible by pp ({pp})")
+    if lora_rank < 0:
+        raise ScratchError(f"lora_rank must be >= 0, got {lora_rank}")
     if seq > cfg.block_size:
         raise ScratchError(f"seq {seq} is longer than the model's context ({cfg.block_size})")
+    if lora_rank and (tp > 1 or pp > 1):
+        raise ScratchError("LoRA trains under data parallelism only; use tp = pp = 1")
     n = count_params(cfg, tp, pp)
+    trained = lora_params(cfg, lora_rank, list(lora_targets)) if lora_rank else n
     mixed = dtype != "fp32"
     width = 2 if mixed else 4
     moments = {"adamw": 8, "sgd": 4}[optimizer]  # AdamW: m and v; SGD: momentum, fp32
-    weights = width * n
-    grads = width * n
-    optim = (4 * n if mixed else 0) + moments * n  # + fp32 master copy under mixed precision
+    weights = width * (n + trained if lora_rank else n)
+    grads = width * trained
+    # + an fp32 master copy of what trains, under mixed precision
+    optim = (4 * trained if mixed else 0) + moments * trained
     if zero >= 1:
         optim /= gpus
     if zero >= 2:
@@ -173,9 +221,12 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
 def training_peak_bytes(model: torch.nn.Module, idx: torch.Tensor) -> int:
     """Peak bytes allocated by one forward + backward of `model` on `idx` (inputs as targets):
     what `estimate_memory`'s activations + gradients predict."""
+    from scratchlm.model.logprobs import cross_entropy_sum
+
     tracker = PeakMemory()
     with tracker:
-        model(idx, idx)[1].backward()
+        loss, count = cross_entropy_sum(model(idx)[0], idx)
+        (loss / count).backward()
     return tracker.peak
 
 

@@ -86,3 +86,16 @@ def parse_play(path: Path) -> Iterator[Scene]:
 def iter_scenes() -> Iterator[Scene]:
     for path in play_files():
         yield from parse_play(path)
+
+
+BUILTIN = "builtin"
+BUILTIN_NAME = "builtin:shakespeare"
+
+
+def split_inputs(inputs: list[str]) -> tuple[list[str], Iterator[str] | None]:
+    """The one place where the input name "builtin" is resolved: (the file inputs, the texts
+    of the built-in scenes or None when "builtin" is not among them)."""
+    paths = [str(p) for p in inputs if p != BUILTIN]
+    if BUILTIN not in inputs:
+        return paths, None
+    return paths, (s.text for s in iter_scenes())

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from scratchlm.data.clean import FilterConfig, clean, filter_names, quality_failures
+from scratchlm.data.builtin import BUILTIN_NAME
+from scratchlm.data.clean import QualityFilters, clean, resolve, rule_names
+from scratchlm.data.config import DataConfig
 from scratchlm.data.dedup import (
-    DedupConfig,
     ExactIndex,
     NearDuplicateIndex,
     Words,
@@ -38,6 +39,7 @@ from scratchlm.data.dedup import (
 )
 from scratchlm.data.readers import iter_documents
 from scratchlm.data.shards import ShardFile, token_dtype
+from scratchlm.data.words import SpacyRules, spacy_rules, use_spacy_rules
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
 from scratchlm.utils import atomic_write_text
@@ -49,36 +51,7 @@ STATE = ".prepare_state.json"
 EXACT = ".prepare_exact.u64"
 SIGNATURES = ".prepare_signatures.u16"
 SPILL = ".prepare_index"  # the indexes' key runs too large for memory
-
-
-@dataclass
-class DataConfig:
-    inputs: list[str] = field(default_factory=lambda: ["builtin"])
-    """Files, directories or globs to prepare; "builtin" is the built-in Shakespeare corpus."""
-    val_inputs: list[str] = field(default_factory=list)
-    """Files held out whole for validation; when given, val_fraction is not used and every
-    document of `inputs` goes to training."""
-    shards: str | None = None
-    """An already prepared shard directory; None = prepare data.inputs into RUN/data."""
-    text_field: str = "text"
-    """JSONL field / Parquet column holding the text."""
-    separator: str | None = None
-    """Split plain-text files into documents at this string (None: a file is a document)."""
-    errors: str = "strict"
-    """Invalid UTF-8: "strict" stops with the file and offset, "replace" uses U+FFFD."""
-    val_fraction: float = 0.01
-    """Share of documents (chosen by a hash of their text) held out for validation."""
-    shard_tokens: int = 50_000_000
-    """Tokens per shard file."""
-    workers: int = 0
-    """Worker processes for cleaning, filtering and tokenizing (0 = one per CPU core; 1 = all
-    in this process)."""
-    batch_docs: int = 256
-    """Most documents per task sent to a worker (fewer when they are long: BATCH_CHARS)."""
-    filters: FilterConfig = field(default_factory=FilterConfig)
-    """Clean-up and quality filters."""
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    """Exact and near-duplicate removal."""
+ENGINES = ("local", "ray")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,12 +61,23 @@ class DataConfig:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, cfg: DataConfig) -> None:
+def word_rules(cfg: DataConfig, builtin_only: bool) -> SpacyRules | None:
+    """spaCy's word rules when the filters split words as datatrove does: read once in the
+    main process and handed to the workers, which then never import spaCy."""
+    filters = resolve(cfg.filters, builtin_only)
+    return spacy_rules() if filters.steps and filters.words == "spacy" else None
+
+
+def _init_worker(tokenizer_dir: str, cfg: DataConfig, builtin_only: bool = False,
+                 rules: SpacyRules | None = None) -> None:
+    if rules is not None:
+        use_spacy_rules(rules)
     tok = BPETokenizer.load(tokenizer_dir)
     from scratchlm.tokenizer.fast import to_tiktoken
 
     _WORKER.update(enc=to_tiktoken(tok), eot=tok.eot_id, cfg=cfg, perms=permutations(cfg.dedup),
-                   dtype=token_dtype(tok.vocab_size))
+                   dtype=token_dtype(tok.vocab_size),
+                   filters=QualityFilters(cfg.filters, builtin_only))
 
 
 @dataclass
@@ -123,16 +107,17 @@ def _encode(text: str) -> np.ndarray:
 def _process(texts: list[str]) -> Processed:
     cfg: DataConfig = _WORKER["cfg"]
     cleaned = [clean(t, cfg.filters) for t in texts]
-    split = [t.split() for t in cleaned]
-    # hashed once, for the repetition filters and MinHash
-    words = Words.of(cleaned, split, normalized=cfg.filters.normalize)
-    failures = quality_failures(cleaned, cfg.filters, split, words)
-    passed = np.array([i for i, f in enumerate(failures) if f is None], dtype=np.int64)
-    kept = [cleaned[i] for i in passed.tolist()]
-    sigs = np.zeros((len(kept), 0), np.uint16)
-    keys = np.zeros((len(kept), 0), np.uint64)
-    if cfg.dedup.near and kept:
-        sigs = minhash_batch(words.select(passed), cfg.dedup, _WORKER["perms"]).astype(np.uint16)
+    failures, filtered = _WORKER["filters"](cleaned)
+    # A text the filters pass but left without a word (C4 may keep no line) is empty.
+    failures = [f if f or t.strip() else "empty" for f, t in zip(failures, filtered)]
+    kept = [t for f, t in zip(failures, filtered) if f is None]
+    near = cfg.dedup.near
+    sigs = np.zeros((len(kept), cfg.dedup.num_perm if near else 0), np.uint16)
+    keys = np.zeros((len(kept), cfg.dedup.bands if near else 0), np.uint64)
+    if near and kept:
+        # C4 joins kept lines with newlines: still only spaces and newlines after clean-up
+        words = Words.of(kept, normalized=cfg.filters.normalize)
+        sigs = minhash_batch(words, cfg.dedup, _WORKER["perms"]).astype(np.uint16)
         keys = band_keys(sigs, cfg.dedup.bands)
     eot = np.array([_WORKER["eot"]], dtype=np.uint32)
     encoded = [_encode(t) for t in kept]
@@ -292,12 +277,13 @@ def _batches(docs: Iterator[tuple[str, str | None]], size: int,
         yield batch
 
 
-def _results(batches: Iterator[list[str]], tokenizer_dir: Path, cfg: DataConfig
-             ) -> Iterator[Processed]:
+def _results(batches: Iterator[list[str]], tokenizer_dir: Path, cfg: DataConfig,
+             builtin_only: bool) -> Iterator[Processed]:
     """Worker results in input order: a process pool, or this process when workers == 1."""
     workers = cfg.workers or os.cpu_count() or 1
+    rules = word_rules(cfg, builtin_only)
     if workers == 1:
-        _init_worker(str(tokenizer_dir), cfg)
+        _init_worker(str(tokenizer_dir), cfg, builtin_only, rules)
         yield from map(_process, batches)
         return
     ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (tiktoken, torch)
@@ -310,7 +296,8 @@ def _results(batches: Iterator[list[str]], tokenizer_dir: Path, cfg: DataConfig
             slots.acquire()
             yield batch
 
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), cfg)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker,
+                  initargs=(str(tokenizer_dir), cfg, builtin_only, rules)) as pool:
         for result in pool.imap(_process, throttled()):
             slots.release()
             yield result
@@ -324,24 +311,24 @@ def prepare(
     progress: bool = True,
     documents: Iterable[str] | None = None,
     documents_name: str = "documents",
+    engine: str = "local",
+    address: str | None = None,
 ) -> dict:
     """Run the pipeline on the files, directories and globs in `inputs` (or on `documents`,
     texts already in memory, named `documents_name` for resuming); returns the manifest (also
-    written to out/manifest.json)."""
+    written to out/manifest.json). `engine` "ray" runs it on a Ray cluster (`address`: "auto",
+    "HOST:PORT", or None for a Ray instance of this machine's own); see scratchlm.data.ray."""
     cfg = cfg or DataConfig()
     out, tokenizer_dir = Path(out), Path(tokenizer_dir)
     tok = BPETokenizer.load(tokenizer_dir)
-    if tok.eot_id is None:
-        raise ScratchError(f"{tokenizer_dir}: the tokenizer has no <|endoftext|> token to "
-                           "separate documents; train one with it")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ScratchError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     named = [str(p) for p in inputs]
-    if not named and documents is None:
-        raise ScratchError("no input: give at least one file, directory or glob")
-    if (out / MANIFEST).is_file():
-        raise ScratchError(f"{out} already holds prepared data ({MANIFEST}); use another "
-                           "--out or delete it")
+    check_inputs(out, tokenizer_dir, tok, cfg, named, documents, engine)
+    builtin_only = documents_name == BUILTIN_NAME and not named and not cfg.val_inputs
+    if engine == "ray":
+        from scratchlm.data.ray_engine import prepare_ray
+
+        return prepare_ray(named, tokenizer_dir, out, cfg, builtin=documents is not None,
+                           builtin_only=builtin_only, address=address, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     key = _run_key(named or [documents_name], tokenizer_fingerprint(tokenizer_dir), cfg)
     state = _load_state(out, key)
@@ -374,7 +361,8 @@ def prepare(
     splits: collections.deque = collections.deque()
     t0 = time.perf_counter()
     bar = tqdm(desc="preparing", unit="doc", disable=not progress)
-    for batch in _results(_batches(docs, cfg.batch_docs, splits), tokenizer_dir, cfg):
+    for batch in _results(_batches(docs, cfg.batch_docs, splits), tokenizer_dir, cfg,
+                          builtin_only):
         # Dedup the batch's passing documents at once, in input order; for each, how many
         # records the dedup logs hold once it is done (for _save_state).
         numbers = docs_done + np.flatnonzero([f is None for f in batch.failures])
@@ -406,9 +394,7 @@ def prepare(
                 continue
             counts.documents_kept += 1
             counts.bytes_kept += batch.bytes_kept[j]
-            # Unless forced, the split follows from the text alone: stable across runs.
-            split = forced_split or ("val" if int(batch.exact[j]) % 1_000_000
-                                     < cfg.val_fraction * 1_000_000 else "train")
+            split = split_of(int(batch.exact[j]), forced_split, cfg.val_fraction)
             tokens = batch.tokens[batch.token_bounds[j]:batch.token_bounds[j + 1]]
             counts.tokens[split] += len(tokens)
             if writers[split].add(tokens):
@@ -429,29 +415,65 @@ def prepare(
         for w in writers.values():
             w.close()  # nothing was written: only empty partial files to remove
         _remove_state(out)
-        raise ScratchError("no text left after cleaning, filtering and dedup; check the inputs "
-                           "or loosen data.filters (e.g. --data.filters.min_words=5)")
+        raise no_text_left()
     for w in writers.values():
         w.close()
-    manifest = {
+    manifest = build_manifest(counts, writers, tok, tokenizer_dir, cfg, builtin_only,
+                              time.perf_counter() - t0, "local")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    _remove_state(out)
+    return manifest
+
+
+def check_inputs(out: Path, tokenizer_dir: Path, tok: BPETokenizer, cfg: DataConfig,
+                 named: list[str], documents: Iterable[str] | None, engine: str) -> None:
+    """Refuse, before anything is written, what a run could not finish."""
+    if tok.eot_id is None:
+        raise ScratchError(f"{tokenizer_dir}: the tokenizer has no <|endoftext|> token to "
+                           "separate documents; train one with it")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ScratchError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not named and documents is None:
+        raise ScratchError("no input: give at least one file, directory or glob")
+    if engine not in ENGINES:
+        raise ScratchError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
+    if (out / MANIFEST).is_file():
+        raise ScratchError(f"{out} already holds prepared data ({MANIFEST}); use another "
+                           "--out or delete it")
+
+
+def no_text_left() -> ScratchError:
+    return ScratchError("no text left after cleaning, filtering and dedup; check the inputs or "
+                        "loosen data.filters (e.g. --data.filters.preset=none)")
+
+
+def build_manifest(counts: Counts, writers: dict[str, ShardWriter], tok: BPETokenizer,
+                   tokenizer_dir: Path, cfg: DataConfig, builtin_only: bool, seconds: float,
+                   engine: str) -> dict:
+    filters = resolve(cfg.filters, builtin_only)
+    return {
         "format": "scratchlm-shards", "version": 1,
         "documents_in": counts.documents_in, "documents_kept": counts.documents_kept,
         "bytes_in": counts.bytes_in, "bytes_kept": counts.bytes_kept,
         "tokens": counts.tokens["train"] + counts.tokens["val"],
         "tokens_train": counts.tokens["train"], "tokens_val": counts.tokens["val"],
         "removed": {name: counts.removed.get(name, {"documents": 0, "bytes": 0})
-                    for name in [*filter_names(cfg.filters), "exact_duplicate",
-                                 "near_duplicate"]},
+                    for name in [*rule_names(filters), "exact_duplicate", "near_duplicate"]},
         "shards": writers["train"].shards + writers["val"].shards,
         "tokenizer": {"vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
                       "fingerprint": tokenizer_fingerprint(tokenizer_dir)},
         "dtype": token_dtype(tok.vocab_size).name,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
+        "engine": engine,
+        "filters": asdict(filters),
         "config": asdict(cfg),
     }
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
-    _remove_state(out)
-    return manifest
+
+
+def split_of(exact: int, forced: str | None, val_fraction: float) -> str:
+    """Unless forced, a document's split follows from its text alone: stable across runs and
+    engines."""
+    return forced or ("val" if exact % 1_000_000 < val_fraction * 1_000_000 else "train")
 
 
 def summary_table(manifest: dict) -> str:

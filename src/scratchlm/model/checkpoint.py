@@ -16,33 +16,39 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.errors import ScratchError
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.gpt import GPT
+from scratchlm.model.gpt import GPT, tied_weights
 from scratchlm.utils import atomic_path, atomic_write_text
 
 FORMAT = "scratchlm-model"
 FORMAT_VERSION = 1
 
 
-def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The state dict to save: a tied head is stored once, as the token embedding."""
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
-    return state
+def base_tensors(model: GPT, state: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The base model's tensors of a state dict (default: the model's own): a tied head is
+    stored once, as the token embedding, and LoRA adapters are left out (saved apart)."""
+    from scratchlm.model.lora import is_adapter
+
+    state = model.state_dict() if state is None else state
+    return {k: v for k, v in state.items() if k not in tied_weights(model) and not is_adapter(k)}
+
 
 
 def save_model(model: GPT, directory: str | os.PathLike, tokenizer=None,
                state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model (and tokenizer, if given) into `directory`, each file atomically.
-    `state` replaces the model's own tensors (a state dict gathered from sharded ranks)."""
+    `state` replaces the model's own tensors (a state dict gathered from sharded ranks).
+    LoRA adapters, if attached, go to adapter.safetensors beside the base weights."""
+    from scratchlm.model.lora import lora_layers, save_adapter
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if state is not None and model.config.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     with atomic_path(directory / "model.safetensors") as tmp:
-        source = model_tensors(model) if state is None else state
-        tensors = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in
+                   base_tensors(model, state).items()}
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+    if lora_layers(model):
+        save_adapter(model, directory, state)
     atomic_write_text(directory / "config.json", json.dumps(
         {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict()}, indent=2))
     if tokenizer is not None:
@@ -71,7 +77,7 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
 
 def check_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Refuse a state dict that does not fit `model`, naming the first tensor that does not."""
-    expected = {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+    expected = {k: tuple(v.shape) for k, v in base_tensors(model).items()}
     for name, shape in expected.items():
         if name not in state:
             raise ScratchError(f"{source}: tensor {name!r} is missing; the checkpoint is from "
@@ -102,4 +108,32 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     model = GPT(cfg).to(device)
     check_state(model, state, str(path))
     model.load_state_dict(state, strict=not cfg.tie_embeddings)  # a tied head has no entry
+    if (directory / "adapter.json").is_file():
+        from scratchlm.model.lora import load_adapter
+
+        load_adapter(model, directory)
     return model
+
+
+def save_extras(directory: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
+    """Modules trained beside the model (a classification head, a value head), from a state
+    dict keyed "NAME.tensor": one NAME.safetensors each."""
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, rest = key.split(".", 1)
+        by_name.setdefault(name, {})[rest] = value.detach().contiguous().cpu()
+    for name, tensors in by_name.items():
+        with atomic_path(Path(directory) / f"{name}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def load_extras(directory: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
+    """The extras `names` saved by `save_extras`, keyed "NAME.tensor"."""
+    state = {}
+    for name in names:
+        path = Path(directory) / f"{name}.safetensors"
+        if not path.is_file():
+            raise ScratchError(f"{directory}: {name}.safetensors is missing; the checkpoint "
+                               f"holds no {name}")
+        state.update({f"{name}.{k}": v for k, v in load_file(str(path)).items()})
+    return state

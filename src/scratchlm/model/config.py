@@ -26,7 +26,8 @@ class ModelConfig:
     head_dim: int | None = None
     """Width of one head; None = n_embd // n_head."""
     intermediate_size: int | None = None
-    """Hidden width of the MLP; None = 4 * n_embd (GELU) or Llama's 8/3 * n_embd rule (SwiGLU)."""
+    """Hidden width of the MLP; None = 4 * n_embd (GELU, ReLU²) or Llama's 8/3 * n_embd rule
+    (SwiGLU)."""
     pos_emb: Literal["learned", "rope"] = "learned"
     """Positions: a learned table added to the input (GPT-2) or RoPE on q and k (Llama)."""
     rope_theta: float = 10000.0
@@ -38,8 +39,9 @@ class ModelConfig:
     """Normalisation before attention and MLP (pre-norm) and before the head."""
     norm_eps: float = 1e-5
     """Added to the variance in the norm, for numerical safety."""
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    """MLP kind: GELU (tanh approximation, as GPT-2) or SwiGLU (Shazeer 2020, as Llama)."""
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    """MLP kind: GELU (tanh approximation, as GPT-2), SwiGLU (Shazeer 2020, as Llama) or ReLU²,
+    relu(x)² (So et al. 2021, Primer; modded-nanogpt, nanochat)."""
     bias: bool = True
     """Biases in the linear layers and LayerNorms (GPT-2: yes, Llama: no)."""
     tie_embeddings: bool = True
@@ -50,6 +52,15 @@ class ModelConfig:
     """Attention kernel: PyTorch's fused scaled_dot_product_attention, or written out."""
     init_std: float = 0.02
     """Std of the normal init; residual projections get init_std / sqrt(2 * n_layer) (GPT-2)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (no learned gain) before RoPE and the dot
+    product, which bounds the attention logits (Dehghani et al. 2023; nanochat)."""
+    logit_softcap: float = 0.0
+    """Cap the output logits smoothly at +-this, cap * tanh(logits / cap) (Gemma 2;
+    modded-nanogpt uses 15 to 30); 0 = no cap."""
+    zero_init: bool = False
+    """Start the output projections of attention and MLP, and an untied head, at zero: each
+    block begins as the identity (modded-nanogpt, nanochat)."""
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -60,7 +71,7 @@ class ModelConfig:
                                    f"({self.n_head}), or set head_dim explicitly")
             self.head_dim = self.n_embd // self.n_head
         if self.intermediate_size is None:
-            if self.mlp == "gelu":
+            if self.mlp != "swiglu":
                 self.intermediate_size = 4 * self.n_embd
             else:  # Llama: 2/3 of 4 * n_embd (same parameters as a GELU MLP), rounded up to 256
                 self.intermediate_size = 256 * -(-(8 * self.n_embd // 3) // 256)
@@ -75,6 +86,9 @@ class ModelConfig:
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ScratchError(f"model: RoPE rotates pairs of channels, so head_dim must be "
                                f"even, got {self.head_dim}")
+        if not self.logit_softcap >= 0.0:
+            raise ScratchError(f"model: logit_softcap must be >= 0 (0 = off), got "
+                               f"{self.logit_softcap}")
         if not 0.0 <= self.dropout < 1.0:
             raise ScratchError(f"model: dropout must be in [0, 1), got {self.dropout}")
         if self.rope_scaling is not None:

@@ -11,7 +11,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from scratchlm.errors import ScratchError
@@ -20,11 +19,20 @@ from scratchlm.model.config import ModelConfig
 from scratchlm.model.kv_cache import KVCache
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), in fp32 whatever the
-    compute dtype; targets of -100 are ignored."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=-100)
+def tied_weights(model: GPT) -> dict[str, str]:
+    """{head parameter name: the embedding it is} when the head is tied, else {}. The one place
+    that knows which weights a tied model shares; checkpoints, optimizer groups and parallel
+    layouts ask it."""
+    return {"lm_head.weight": "tok_emb.weight"} if model.config.tie_embeddings else {}
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """Refuse ids outside the vocabulary with a clear error instead of an IndexError (or, on a
+    GPU, a device-side assert) from inside the embedding."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise ScratchError(f"token id {bad} is outside the model's vocabulary (0 to "
+                           f"{vocab_size - 1}); encode the text with the model's own tokenizer")
 
 
 class RMSNorm(nn.Module):
@@ -48,11 +56,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * up(x))."""
+    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * up(x)). ReLU²: proj(relu(fc(x))²)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.relu2 = cfg.mlp == "relu2"
         if self.swiglu:  # gate and up apart, so tensor parallelism can split each
             self.gate = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
             self.up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
@@ -65,6 +74,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             h = F.silu(self.gate(x)) * self.up(x)  # (B, T, intermediate_size)
+        elif self.relu2:
+            h = F.relu(self.fc(x)).square()
         else:
             h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's tanh approximation
         return self.drop(self.proj(h))
@@ -78,8 +89,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.norm1(x), rope, cache, layer)
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -98,8 +110,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        # Activation checkpointing per block, switched on by the trainer.
-        self.checkpointing = False
         if cfg.pos_emb == "rope":
             cos, sin = rope_cache(cfg, cfg.block_size)
             # Not saved: derived from the config, and rebuilt on load.
@@ -108,13 +118,20 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.init_std
+        cfg = self.config
+        std = cfg.init_std
         if isinstance(module, nn.Linear):
             # Residual projections add into the stream once per layer per branch, so their
             # init shrinks by sqrt(2 * n_layer) to keep the stream's variance flat (GPT-2).
-            scale = 1 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual",
-                                                                      False) else 1.0
-            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            residual = getattr(module, "residual", False)
+            scale = 1 / math.sqrt(2 * cfg.n_layer) if residual else 1.0
+            # zero_init: an untied head starts at zero too (uniform first predictions); the
+            # gradient of a zero weight is not zero, so it still learns from the first step.
+            if cfg.zero_init and (residual or module is self.lm_head and
+                                  not cfg.tie_embeddings):
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -123,17 +140,27 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with `last_only`),
-        and with targets (B, T) the mean next-token cross-entropy (targets of -100 ignored).
-        With a cache, idx continues the cached positions.
+        logits: bool = True,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """idx (B, T) token ids -> (logits (B, T, vocab), hidden states (B, T, n_embd) after the
+        final norm). `last_only` keeps the last position only (B, 1, ...), for generation;
+        `logits=False` skips the head (None instead), for heads of one's own on the hidden
+        states. With a cache, idx continues the cached positions. Losses live in the
+        objectives (scratchlm.train), not here.
+
+        Rows of different lengths share a batch (left padding, see scratchlm.generate.Decoder)
+        with `positions` (B, T), each token's position (learned table row or RoPE angle; the
+        caller keeps them below block_size), and `mask` (B, T, S) from
+        attention.padded_causal_mask, True where a query may see a key (S: cached keys + T).
+        Without them every row counts from the cache's length, under the plain causal mask.
 
         A pipeline stage (see scratchlm.parallel.pipeline) is this model with parts removed:
         without `tok_emb` it takes hidden states (B, T, n_embd) instead of ids, and without
-        `lm_head` it returns them instead of logits."""
+        `lm_head` it returns (None, the hidden states after its last block)."""
         B, T = idx.shape[:2]
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
@@ -141,36 +168,45 @@ class GPT(nn.Module):
                 f"sequence of {past + T} positions is longer than the model's context "
                 f"(block_size {self.config.block_size}); shorten the input or crop it")
         x, rope = idx, None
-        if self.config.pos_emb == "rope":
+        if self.config.pos_emb == "rope" and positions is None:
             rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+        elif self.config.pos_emb == "rope":  # (B, 1, T, hd): one angle per row and token
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         if self.tok_emb is not None:
-            x = self.tok_emb(idx)  # (B, T, n_embd)
-            if self.pos_emb is not None:
+            try:
+                x = self.tok_emb(idx)  # (B, T, n_embd)
+            except IndexError:  # on the CPU; checked before the call costs a sync per step
+                check_token_ids(idx, self.config.vocab_size)
+                raise
+            if self.pos_emb is not None and positions is not None:
+                x = x + self.pos_emb(positions)  # (B, T, n_embd)
+            elif self.pos_emb is not None:
                 pos = torch.arange(past, past + T, device=idx.device)
                 x = x + self.pos_emb(pos)  # (T, n_embd) broadcast over B
             x = self.drop(x)
         for name, block in self.blocks.items():
-            if self.checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope, cache, int(name))
+            x = block(x, rope, cache, int(name), mask)
         if cache is not None:
             cache.advance()
         if self.lm_head is None:
-            return x, None
+            return None, x
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:]  # (B, 1, n_embd): generation needs only the next token's logits
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = next_token_loss(logits, targets)
-        return logits, loss
+        if not logits:
+            return None, x
+        out = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            out = cap * torch.tanh(out / cap)
+        return out, x
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` positions."""
         cfg = self.config
-        p = self.tok_emb.weight
+        # The first floating-point weight gives the compute dtype: a quantized model keeps its
+        # int8 tables in buffers (scratchlm.quantize), its norms as float parameters.
+        p = next(p for p in self.parameters() if p.is_floating_point())
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head, max_len or cfg.block_size,
                        cfg.head_dim, p.dtype, p.device)
 
@@ -188,16 +224,11 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6 N for the matmuls of forward + backward over the
-        non-embedding parameters plus the head (Kaplan et al. 2020; the head is a matmul even
-        when tied), plus 12 * n_layer * n_head * head_dim * T for attention scores and the
-        weighted sum (Chowdhery et al. 2022, appendix B)."""
-        cfg = self.config
-        T = seq_len or cfg.block_size
-        n = self.num_params(non_embedding=True)
-        if cfg.tie_embeddings:
-            n += self.lm_head.weight.numel()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        """Training FLOPs per token of the whole model at sequence length `seq_len` (default:
+        the context); see scratchlm.memory.flops_per_token."""
+        from scratchlm.memory import flops_per_token
+
+        return flops_per_token(self.config, seq_len or self.config.block_size)
 
     def summary(self) -> str:
         """A readable one-screen description of the model."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.errors import ScratchError
-from scratchlm.model.checkpoint import check_state, model_tensors
+from scratchlm.model.checkpoint import base_tensors, check_state
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.gpt import GPT
 from scratchlm.utils import atomic_path, atomic_write_text
@@ -75,6 +75,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def family(cfg: ModelConfig) -> str:
     """'gpt2' or 'llama': which Hugging Face architecture can hold this model exactly."""
+    beyond = [name for name, on in [("qk_norm", cfg.qk_norm), ("mlp relu2", cfg.mlp == "relu2"),
+                                    ("logit_softcap", cfg.logit_softcap)] if on]
+    if beyond:
+        raise ScratchError(f"model.{beyond[0].replace(' ', '=')} has no counterpart in "
+                           "GPT2LMHeadModel or LlamaForCausalLM, so this model cannot be "
+                           "converted to transformers; train without it to export")
     gpt2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
     llama = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
     if all(getattr(cfg, k) == v for k, v in gpt2.items()) and cfg.n_kv_head == cfg.n_head \
@@ -169,9 +175,23 @@ def state_from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+_LLAMA_LINEAR = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+                 "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
+                 "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
+
+
+def hf_linear_name(cfg: ModelConfig, name: str) -> str:
+    """A Llama-family linear layer's module path in LlamaForCausalLM ("blocks.3.attn.proj" ->
+    "model.layers.3.self_attn.o_proj")."""
+    if name == "lm_head":
+        return name
+    _, layer, rest = name.split(".", 2)
+    return f"model.layers.{layer}.{_LLAMA_LINEAR[rest]}"
+
+
 def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     """Our tensors -> Hugging Face names and layouts (a tied head left out, as HF saves it)."""
-    cfg, ours = model.config, model_tensors(model)
+    cfg, ours = model.config, base_tensors(model)
     out: dict[str, torch.Tensor] = {}
     if family(cfg) == "gpt2":
         out["transformer.wte.weight"] = ours["tok_emb.weight"]
@@ -254,16 +274,49 @@ def from_hf(model_or_dir) -> GPT:
     return model
 
 
-def to_hf(model: GPT):
-    """The same model as a `transformers` GPT2LMHeadModel or LlamaForCausalLM (eval mode)."""
+def _classifier_parts(model: GPT, classifier: dict | None) -> tuple[dict, dict]:
+    """Config entries and tensors that make a causal LM export a ...ForSequenceClassification
+    one: `classifier` holds the head's weight (n_labels, n_embd), labels, pad id, pooling."""
+    if classifier is None:
+        return {}, {}
+    if classifier["pooling"] != "last":
+        raise ScratchError("Hugging Face's ...ForSequenceClassification reads the last "
+                           "non-padding token; a mean-pooled classifier cannot be exported")
+    labels = classifier["labels"]
+    cfg = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+           "label2id": {label: i for i, label in enumerate(labels)},
+           "pad_token_id": classifier["pad_id"]}
+    return cfg, {"score.weight": classifier["weight"].detach().float().cpu()}
+
+
+def _hf_config(model: GPT, classifier: dict | None) -> dict:
+    hf_cfg = {**config_to_hf(model.config), **_classifier_parts(model, classifier)[0]}
+    if classifier is not None:
+        arch = hf_cfg["architectures"][0]
+        hf_cfg["architectures"] = [arch.replace("LMHeadModel", "ForSequenceClassification")
+                                   .replace("ForCausalLM", "ForSequenceClassification")]
+    return hf_cfg
+
+
+def _hf_tensors(model: GPT, classifier: dict | None) -> dict[str, torch.Tensor]:
+    state = state_to_hf(model)
+    extra = _classifier_parts(model, classifier)[1]
+    if extra:  # a sequence classifier has no language-model head
+        state.pop("lm_head.weight", None)
+    return {**state, **extra}
+
+
+def to_hf(model: GPT, classifier: dict | None = None):
+    """The same model as a `transformers` GPT2LMHeadModel or LlamaForCausalLM (eval mode); with
+    `classifier` (see `_classifier_parts`), a GPT2/LlamaForSequenceClassification."""
     import transformers
 
-    hf_cfg = config_to_hf(model.config)
+    hf_cfg = _hf_config(model, classifier)
     arch = hf_cfg.pop("architectures")[0]
     kind = hf_cfg.pop("model_type")
     config = transformers.AutoConfig.for_model(kind, **hf_cfg)
     hf_model = getattr(transformers, arch)(config)
-    missing, unexpected = hf_model.load_state_dict(state_to_hf(model), strict=False)
+    missing, unexpected = hf_model.load_state_dict(_hf_tensors(model, classifier), strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_embeddings]
     if missing or unexpected:
         raise ScratchError(f"weights do not fit {arch}: missing {missing[:3]}, "
@@ -271,19 +324,25 @@ def to_hf(model: GPT):
     return hf_model.eval()
 
 
-def save_hf(model: GPT, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a directory that `AutoModelForCausalLM.from_pretrained` (and, with a tokenizer,
-    `AutoTokenizer.from_pretrained`) loads: config.json, model.safetensors, tokenizer files."""
+def save_hf(model: GPT, directory: str | os.PathLike, tokenizer=None,
+            classifier: dict | None = None, template=None) -> Path:
+    """Write a directory that `AutoModelForCausalLM.from_pretrained` (with `classifier`:
+    `AutoModelForSequenceClassification`) and, with a tokenizer, `AutoTokenizer.from_pretrained`
+    load: config.json, model.safetensors, tokenizer files. A prompt `template`
+    (scratchlm.templates) becomes the tokenizer's `chat_template`, its end-of-turn token the
+    end-of-sequence token, so `apply_chat_template` and `generate` work as ours do."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf_cfg = config_to_hf(model.config)
+    hf_cfg = _hf_config(model, classifier)
     hf_cfg["torch_dtype"] = "float32"
+    eos = template.end if template is not None else "<|endoftext|>"
     if tokenizer is not None and tokenizer.eot_id is not None:
-        hf_cfg["bos_token_id"] = hf_cfg["eos_token_id"] = tokenizer.eot_id
+        hf_cfg["bos_token_id"] = tokenizer.eot_id
+        hf_cfg["eos_token_id"] = tokenizer.special_tokens.get(eos, tokenizer.eot_id)
     with atomic_path(directory / "model.safetensors") as tmp:
-        tensors = {k: v.float().cpu() for k, v in state_to_hf(model).items()}
+        tensors = {k: v.float().cpu() for k, v in _hf_tensors(model, classifier).items()}
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2))
     if tokenizer is not None:
@@ -291,8 +350,12 @@ def save_hf(model: GPT, directory: str | os.PathLike, tokenizer=None) -> Path:
 
         atomic_write_text(directory / "tokenizer.json", to_hf_tokenizer(tokenizer).to_str())
         eot = "<|endoftext|>" if tokenizer.eot_id is not None else None
-        atomic_write_text(directory / "tokenizer_config.json", json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length":
-            model.config.block_size, "bos_token": eot, "eos_token": eot,
-            "clean_up_tokenization_spaces": False}, indent=2))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  "model_max_length": model.config.block_size, "bos_token": eot,
+                  "eos_token": eos if eot else None,
+                  "pad_token": eot if classifier is not None else None,
+                  "clean_up_tokenization_spaces": False}
+        if template is not None:
+            config["chat_template"] = template.jinja
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
     return directory

@@ -2,7 +2,8 @@
 
 Launched by `torchrun`, every process reads its rank and the world size from the environment;
 launched plainly, a run is one process and nothing here does anything. Parallel layouts are
-applied to a plain model from outside by `parallelize` (the model knows nothing of them).
+applied to a plain model from outside by `parallelize` (scratchlm.parallel.runtime; the model
+knows nothing of them).
 """
 
 from __future__ import annotations
@@ -46,16 +47,12 @@ class DistInfo:
 def check_layout(parallel, model, world: int) -> None:
     """Refuse a layout that cannot work, before any work starts (`parallel` a ParallelConfig,
     `model` a ModelConfig)."""
-    p = parallel
-    if min(p.dp, p.tp, p.pp) < 1:
-        raise ScratchError("parallel.dp, parallel.tp and parallel.pp must be at least 1")
+    p = parallel  # its own ranges were checked when the config was built
     if p.dp * p.tp * p.pp != world:
         raise ScratchError(
             f"parallel.dp x tp x pp = {p.dp} x {p.tp} x {p.pp} = {p.dp * p.tp * p.pp} but "
             f"{world} process(es) were launched; launch with `torchrun --nproc_per_node="
             f"{p.dp * p.tp * p.pp} -m scratchlm ...` or change the layout")
-    if p.zero not in (0, 1, 2, 3):
-        raise ScratchError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero}")
     if p.tp > 1:
         for what, n in [("model.n_head", model.n_head), ("model.n_kv_head", model.n_kv_head),
                         ("model.intermediate_size", model.intermediate_size)]:
@@ -93,40 +90,6 @@ def init_distributed(device: str, parallel, model) -> DistInfo:
                             mesh_dim_names=("pp", "dp", "tp"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, mesh,
                     parallel.dp, parallel.tp, parallel.pp)
-
-
-def parallelize(model, info: DistInfo, parallel, device: str, compute_dtype: torch.dtype,
-                micro_batches: int):
-    """Apply a layout to a plain model, in place: cut it to this rank's pipeline stage, split
-    that over the tensor-parallel ranks, shard it over the data-parallel ones (ZeRO-2/3), each
-    on its own dimension of the mesh. Returns the Pipeline that runs a step when there are
-    stages, else None. (DDP and ZeRO-1 wrap the forward pass and the optimizer instead.)"""
-    if info.pp > 1:
-        from scratchlm.parallel.pipeline import cut_stage
-
-        if compute_dtype == torch.float16:
-            raise ScratchError("fp16 loss scaling does not reach inside pipeline schedules; use "
-                               "--train.precision=bf16 (or fp32) with parallel.pp")
-        if parallel.pp_schedule == "1f1b" and micro_batches < info.pp:
-            raise ScratchError(
-                f"the 1F1B schedule needs at least as many micro-batches per step as stages "
-                f"({micro_batches} < {info.pp}); raise train.global_batch_tokens or lower "
-                "train.micro_batch")
-        cut_stage(model, info.coord("pp"), info.pp)
-    if info.tp > 1:
-        from scratchlm.parallel.tensor import apply_tp
-
-        apply_tp(model, info.mesh["tp"], parallel.sequence_parallel)
-    if info.dp > 1 and parallel.zero >= 2:
-        from scratchlm.parallel.fsdp import apply_fsdp
-
-        apply_fsdp(model, info.mesh["dp"], parallel.zero,
-                   None if compute_dtype == torch.float32 else compute_dtype)
-    if info.pp > 1:
-        from scratchlm.parallel.pipeline import Pipeline
-
-        return Pipeline(model, info, device, micro_batches, parallel.pp_schedule)
-    return None
 
 
 def teardown() -> None:

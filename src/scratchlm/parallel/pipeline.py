@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from scratchlm.model.gpt import GPT, next_token_loss
+from scratchlm.model.gpt import GPT, tied_weights
 from scratchlm.parallel import DistInfo
 
 
@@ -47,12 +47,14 @@ class _Outputs(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
+        logits, hidden = self.model(x)
+        return hidden if logits is None else logits  # the last stage: logits
 
 
 class Pipeline:
     def __init__(self, model: GPT, info: DistInfo, device: str, micro_batches: int,
-                 schedule: str) -> None:
+                 schedule: str, loss_fn) -> None:
+        """`loss_fn(logits, targets)` -> (summed loss, count): the objective's token loss."""
         self.model, self.device = model, device
         stage, stages = info.coord("pp"), info.pp
         self.first, self.last = stage == 0, stage == stages - 1
@@ -64,10 +66,14 @@ class Pipeline:
         self.stage = PipelineStage(_Outputs(model), stage, stages,
                                    torch.device(device), group=self.group)
         make = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        self.schedule = make(self.stage, micro_batches, loss_fn=next_token_loss)
+        # Each micro-batch's summed loss times the step's scale (the data-parallel ranks over
+        # the global count of items); the schedule must not average over micro-batches too.
+        self.scale = 1.0
+        self.schedule = make(self.stage, micro_batches, scale_grads=False,
+                             loss_fn=lambda logits, y: loss_fn(logits, y)[0] * self.scale)
         # The tied embedding/head pair: a group of the first and last stage of each pipeline.
         self.tied, self.tie_group = None, None
-        if model.config.tie_embeddings:
+        if tied_weights(model):
             for d in range(ranks.size(1)):
                 for t in range(ranks.size(2)):
                     pair = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
@@ -79,9 +85,10 @@ class Pipeline:
             elif self.last:
                 self.tied = model.lm_head.weight
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of one step's micro-batches (x, y: (micro_batches * B, T));
-        gradients are their mean. Returns the mean loss, on every stage."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches (x, y: (micro_batches * B, T)),
+        each summed loss times `scale`. Returns the summed loss, on every stage."""
+        self.scale = scale
         losses: list[torch.Tensor] = []
         if self.first:
             self.schedule.step(x)
@@ -91,7 +98,7 @@ class Pipeline:
             self.schedule.step()
         if self.tied is not None and self.tied.grad is not None:
             dist.all_reduce(self.tied.grad, group=self.tie_group)
-        loss = torch.stack(losses).mean().detach() if self.last else \
+        loss = torch.stack(losses).sum().detach().float() / scale if self.last else \
             torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.group)  # the last stage's loss, everywhere
         return loss
@@ -106,8 +113,8 @@ class Pipeline:
         else:
             h = torch.empty(x.size(0), x.size(1), cfg.n_embd, device=x.device)
             dist.recv(h, src=self.prev)
-        out = self.model(h)[0]
+        logits, hidden = self.model(h)
         if self.last:
-            return out
-        dist.send(out.float().contiguous(), dst=self.next)
+            return logits
+        dist.send(hidden.float().contiguous(), dst=self.next)
         return None

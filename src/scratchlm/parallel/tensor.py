@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from scratchlm.errors import ScratchError
-from scratchlm.model.gpt import GPT
+from scratchlm.model.gpt import GPT, tied_weights
 
 
 def apply_tp(model: GPT, mesh: DeviceMesh, sequence_parallel: bool) -> GPT:
@@ -54,10 +54,10 @@ def apply_tp(model: GPT, mesh: DeviceMesh, sequence_parallel: bool) -> GPT:
             plan[f"blocks.{name}.{proj}"] = ColwiseParallel()
         for proj in ["attn.proj", "mlp.proj"]:
             plan[f"blocks.{name}.{proj}"] = RowwiseParallel(output_layouts=stream)
-        # attn(x, rope, cache, layer) and mlp(x): the whole sequence in.
+        # attn(x, rope, cache, layer, mask) and mlp(x): the whole sequence in.
         plan[f"blocks.{name}.attn"] = PrepareModuleInput(
-            input_layouts=(stream, None, None, None),
-            desired_input_layouts=(Replicate(), None, None, None))
+            input_layouts=(stream, None, None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None, None))
         plan[f"blocks.{name}.mlp"] = PrepareModuleInput(
             input_layouts=(stream,), desired_input_layouts=(Replicate(),))
         if sequence_parallel:
@@ -73,7 +73,7 @@ def apply_tp(model: GPT, mesh: DeviceMesh, sequence_parallel: bool) -> GPT:
         norms = [b.norm1 for b in model.blocks.values()] + [b.norm2 for b in model.blocks.values()]
         for norm in norms + ([model.norm_f] if model.norm_f is not None else []):
             distribute_module(norm, mesh, input_fn=_replicated_in, output_fn=_local_out)
-    if cfg.tie_embeddings and model.tok_emb is not None and model.lm_head is not None:
+    if tied_weights(model) and model.tok_emb is not None and model.lm_head is not None:
         # Both were split by vocabulary rows in the same way; make them one parameter again.
         model.lm_head.weight = model.tok_emb.weight
     return model

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
@@ -49,11 +50,29 @@ def resolve_pattern(pattern: str) -> str:
     """A pattern name ("gpt2", "gpt4") or a regex of one's own, compiled once to check it."""
     pattern = PATTERNS.get(pattern, pattern)
     try:
-        regex.compile(pattern)
+        compiled = regex.compile(pattern)
     except regex.error as e:
         raise ScratchError(f"pattern {pattern!r} is not a valid regex ({e}); "
                            f"use one of {sorted(PATTERNS)} or fix the regex") from None
+    if compiled.match("") is not None:
+        # An empty match splits nothing and makes the fast encoders loop or fail.
+        raise ScratchError(f"pattern {pattern!r} matches the empty string; make every "
+                           "alternative match at least one character (e.g. x+ rather than x*)")
     return pattern
+
+
+def check_coverage(pattern: str, text: str, where: str = "the text") -> None:
+    """Refuse a split pattern that leaves characters of `text` out of every chunk: they would
+    be dropped silently, and decode(encode(x)) != x."""
+    pos = 0
+    for m in regex.finditer(pattern, text):
+        if m.start() != pos:
+            break
+        pos = m.end()
+    if pos != len(text):
+        raise ScratchError(f"pattern {pattern!r} does not cover {where}: {text[pos:pos + 10]!r} "
+                           f"at character {pos} falls outside every chunk and would be lost; "
+                           "add an alternative that matches it (e.g. end with |\\s+|.)")
 
 
 class BPETokenizer:
@@ -135,6 +154,9 @@ class BPETokenizer:
         Special tokens occurring in the text are cut out of it, never learned as merges.
         """
         pattern = resolve_pattern(pattern)
+        if not all(special_tokens):
+            raise ScratchError("a special token cannot be empty; give each one some text "
+                               "(e.g. --special-tokens '<|endoftext|>')")
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ScratchError(f"vocab size {vocab_size} is too small: it must be at least "
@@ -145,6 +167,11 @@ class BPETokenizer:
         if not chunks:
             raise ScratchError("the training corpus is empty: give at least one non-empty text")
         merges = learn_merges(chunks, n_merges, progress)
+        if len(merges) < n_merges:
+            warnings.warn(f"asked for a vocabulary of {vocab_size} but the corpus only allows "
+                          f"{256 + len(merges) + len(special_tokens)}: after {len(merges)} "
+                          "merges no pair of tokens occurs twice (a larger or more varied "
+                          "corpus would give more)", stacklevel=2)
         specials = {s: 256 + len(merges) + k for k, s in enumerate(special_tokens)}
         return cls(merges, pattern, specials)
 
@@ -321,9 +348,13 @@ def count_chunks(
     cut = (regex.compile("|".join(regex.escape(s) for s in special_tokens))
            if special_tokens else None)
     counts: Counter[str] = Counter()
+    checked = False
     with tqdm(desc="counting chunks", unit="char", unit_scale=True, disable=not progress) as bar:
         for text in iter_source_text(sources, errors):
             for part in (cut.split(text) if cut else (text,)):
+                if not checked and part:  # the pattern must cover real text, not only ASCII
+                    check_coverage(pattern, part[:100_000], "the training text")
+                    checked = True
                 counts.update(split.findall(part))
             bar.update(len(text))
     return counts

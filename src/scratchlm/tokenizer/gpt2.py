@@ -57,21 +57,54 @@ def _read(path: Path, what: str) -> str:
 
 
 def from_gpt2(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> BPETokenizer:
-    """Build a BPETokenizer from OpenAI's GPT-2 `encoder.json` and `vocab.bpe`."""
+    """Build a BPETokenizer from OpenAI's GPT-2 `encoder.json` and `vocab.bpe` (Hugging Face's
+    `vocab.json` and `merges.txt` are the same two files)."""
     encoder: dict[str, int] = json.loads(_read(Path(encoder_json), "encoder"))
     lines = _read(Path(vocab_bpe), "merges").split("\n")
     if not lines[0].startswith("#version"):
         raise ScratchError(f"{vocab_bpe}: not a GPT-2 merges file (no '#version' header)")
+    pairs = [tuple(ln.split()) for ln in lines[1:] if ln.strip()]
+    return from_encoder(encoder, pairs, GPT2_PATTERN, str(encoder_json))
+
+
+def from_encoder(encoder: dict[str, int], pairs: list[tuple[str, str]], pattern: str,
+                 source: str, specials: dict[str, int] | None = None) -> BPETokenizer:
+    """A BPETokenizer from byte-level token names (GPT-2's byte-to-character map) and merges
+    in rank order; merge i must make token 256 + i (true of GPT-2, of tiktoken-style
+    vocabularies and of every tokenizer this project writes)."""
     byte_ids = [encoder[byte_to_unicode()[b]] for b in range(256)]
     merges = []
-    for rank, line in enumerate(ln for ln in lines[1:] if ln.strip()):
-        a, b = line.split()
-        if encoder[a + b] != 256 + rank:
-            raise ScratchError(f"{encoder_json}: token {a + b!r} has id {encoder[a + b]}, not "
-                               f"{256 + rank}: the two files do not belong together")
+    for rank, (a, b) in enumerate(pairs):
+        if encoder.get(a + b) != 256 + rank:
+            raise ScratchError(f"{source}: token {a + b!r} has id {encoder.get(a + b)}, not "
+                               f"{256 + rank}: merges and vocabulary do not belong together")
         merges.append((encoder[a], encoder[b]))
-    specials = {t: i for t, i in encoder.items() if i >= 256 + len(merges)}
-    return BPETokenizer(merges, GPT2_PATTERN, specials, byte_ids)
+    if specials is None:
+        specials = {t: i for t, i in encoder.items() if i >= 256 + len(merges)}
+    return BPETokenizer(merges, pattern, specials, byte_ids)
+
+
+def from_hf_json(path: str | os.PathLike) -> BPETokenizer:
+    """A BPETokenizer from a Hugging Face byte-level BPE `tokenizer.json` (GPT-2's, Llama 3's,
+    or one this project exported)."""
+    data = json.loads(_read(Path(path), "tokenizer.json"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ScratchError(f"{path}: not a BPE tokenizer (model type {model.get('type')!r}); "
+                           "only byte-level BPE tokenizers can be read")
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    split = [s for s in steps if s.get("type") == "Split"]
+    if split and "Regex" in split[0].get("pattern", {}):
+        pattern = split[0]["pattern"]["Regex"]
+    elif any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
+        pattern = GPT2_PATTERN
+    else:
+        raise ScratchError(f"{path}: no byte-level split pattern found in its pre_tokenizer")
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+             for m in model["merges"]]
+    specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    return from_encoder(model["vocab"], pairs, pattern, str(path), specials)
 
 
 def save_gpt2(tokenizer: BPETokenizer, directory: str | os.PathLike) -> None:

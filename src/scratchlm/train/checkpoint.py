@@ -2,6 +2,7 @@
 
 DIR/checkpoints/step-NNNNNN/
   model.safetensors, config.json, bpe.json, tokenizer.json   the model checkpoint (model/)
+  NAME.safetensors                                           the objective's extras (a head)
   run.yaml                                                   the resolved run config
   optimizer.safetensors + optimizer.json                     AdamW moments and step counts
   rng.safetensors                                            torch RNG states (CPU, CUDA)
@@ -38,10 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
 from scratchlm.config import save_config
 from scratchlm.errors import ScratchError
 from scratchlm.model.checkpoint import load_config as load_model_config
-from scratchlm.model.checkpoint import save_model
-from scratchlm.model.gpt import GPT
+from scratchlm.model.checkpoint import load_extras, save_extras, save_model
+from scratchlm.model.gpt import GPT, tied_weights
+from scratchlm.model.lora import ADAPTER_WEIGHTS, lora_layers
 from scratchlm.parallel import gather_to_first
 from scratchlm.parallel.zero1 import ZeroOneOptimizer
+from scratchlm.train.objective import TrainModule
 from scratchlm.utils import atomic_write_text
 
 STATE = "trainer_state.json"
@@ -61,39 +64,44 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on rank 0 only
 _WHOLE_HERE = StateDictOptions(full_state_dict=True)  # whole, on every rank
+PREFIX = "model."  # a TrainModule's names for the model's parameters
 
 
-def gather_model_state(model: GPT, stage_group: dist.ProcessGroup | None = None) -> dict:
-    """The whole model state dict on rank 0 (an empty dict elsewhere). A collective under
-    FSDP, tensor or pipeline parallelism: every rank must call it. `stage_group` holds the
-    pipeline stages, each with its own part of the model, merged here by name."""
+def gather_model_state(module: TrainModule, stage_group: dist.ProcessGroup | None = None
+                       ) -> tuple[dict, dict]:
+    """(the whole model state dict, the objective's extras) on rank 0 ({} elsewhere). A
+    collective under FSDP, tensor or pipeline parallelism: every rank must call it.
+    `stage_group` holds the pipeline stages, each with its own part of the model, merged here
+    by name."""
+    extras = get_model_state_dict(module.extras, options=_FULL)
     if stage_group is None:
-        return get_model_state_dict(model, options=_FULL)
+        return get_model_state_dict(module.model, options=_FULL), extras
     part = {k: v.detach().cpu() for k, v in
-            get_model_state_dict(model, options=_WHOLE_HERE).items()}
-    return {k: v for p in gather_to_first(part, stage_group) for k, v in p.items()}
+            get_model_state_dict(module.model, options=_WHOLE_HERE).items()}
+    return {k: v for p in gather_to_first(part, stage_group) for k, v in p.items()}, extras
 
 
-def gather_state(model: GPT, opt: torch.optim.Optimizer,
-                 stage_group: dist.ProcessGroup | None = None) -> tuple[dict, dict]:
-    """Whole model and optimizer state dicts, keyed by parameter name, as above."""
-    model_state = gather_model_state(model, stage_group)
+def gather_state(module: TrainModule, opt: torch.optim.Optimizer,
+                 stage_group: dist.ProcessGroup | None = None) -> tuple[dict, dict, dict]:
+    """Whole model, extras and optimizer state dicts, as above; optimizer state is keyed by
+    the TrainModule's parameter names ("model.*", "extras.*")."""
+    model_state, extras = gather_model_state(module, stage_group)
     if isinstance(opt, ZeroOneOptimizer):
-        return model_state, opt.gather_state_dict(model)
+        return model_state, extras, opt.gather_state_dict(module)
     if stage_group is None:
-        return model_state, get_optimizer_state_dict(model, opt, options=_FULL)
-    parts = gather_to_first(get_optimizer_state_dict(model, opt, options=_WHOLE_HERE),
-                          stage_group)
+        return model_state, extras, get_optimizer_state_dict(module, opt, options=_FULL)
+    parts = gather_to_first(get_optimizer_state_dict(module, opt, options=_WHOLE_HERE),
+                            stage_group)
     if not parts:
-        return model_state, {}
+        return model_state, extras, {}
     state = {k: v for p in parts for k, v in p["state"].items()}
     groups = [{**g, "params": [n for p in parts for n in p["param_groups"][i]["params"]]}
               for i, g in enumerate(parts[0]["param_groups"])]
-    if model.config.tie_embeddings:  # the head's copy on the last stage equals the embedding's
-        state.pop("lm_head.weight", None)
+    for head in tied_weights(module.model):  # the last stage's copy equals the embedding's
+        state.pop(PREFIX + head, None)
         for g in groups:
-            g["params"] = [n for n in g["params"] if n != "lm_head.weight"]
-    return model_state, {"state": state, "param_groups": groups}
+            g["params"] = [n for n in g["params"] if n != PREFIX + head]
+    return model_state, extras, {"state": state, "param_groups": groups}
 
 
 def _for_stage(model: GPT, model_state: dict, opt_state: dict) -> tuple[dict, dict]:
@@ -101,15 +109,16 @@ def _for_stage(model: GPT, model_state: dict, opt_state: dict) -> tuple[dict, di
     names = set(model.state_dict())
     opt_state = {"state": dict(opt_state["state"]),
                  "param_groups": [dict(g) for g in opt_state["param_groups"]]}
-    if model.config.tie_embeddings and "lm_head.weight" in names \
-            and "tok_emb.weight" not in names:  # the last stage's copy of the tied embedding
-        opt_state["state"]["lm_head.weight"] = opt_state["state"].get("tok_emb.weight", {})
-        for g in opt_state["param_groups"]:
-            g["params"] = ["lm_head.weight" if n == "tok_emb.weight" else n
-                           for n in g["params"]]
-    opt_state["state"] = {k: v for k, v in opt_state["state"].items() if k in names}
+    for head, emb in tied_weights(model).items():
+        if head in names and emb not in names:  # the last stage's copy of the tied embedding
+            head, emb = PREFIX + head, PREFIX + emb
+            opt_state["state"][head] = opt_state["state"].get(emb, {})
+            for g in opt_state["param_groups"]:
+                g["params"] = [head if n == emb else n for n in g["params"]]
+    held = {PREFIX + n for n in names}
+    opt_state["state"] = {k: v for k, v in opt_state["state"].items() if k in held}
     for g in opt_state["param_groups"]:
-        g["params"] = [n for n in g["params"] if n in names]
+        g["params"] = [n for n in g["params"] if n in held]
     return {k: v for k, v in model_state.items() if k in names}, opt_state
 
 
@@ -123,13 +132,15 @@ def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def save_checkpoint(out: Path, step: int, model: GPT, model_state: dict, opt_state: dict,
+def save_checkpoint(out: Path, step: int, module: TrainModule, states: tuple[dict, dict, dict],
                     tokenizer, run_cfg, state: dict) -> Path:
-    """Write on rank 0, from the gathered state dicts (see `gather_state`)."""
+    """Write on rank 0, from the gathered (model, extras, optimizer) states (`gather_state`)."""
+    model_state, extras, opt_state = states
     final = step_dir(out, step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer, state=model_state)
+    save_model(module.model, tmp, tokenizer, state=model_state)
+    save_extras(tmp, extras)
     save_config(run_cfg, tmp / "run.yaml")
     tensors, meta = _optimizer_tensors(opt_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -145,9 +156,10 @@ def save_checkpoint(out: Path, step: int, model: GPT, model_state: dict, opt_sta
     return final
 
 
-def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG state in place; returns the trainer state. Refuses a
-    checkpoint of another model or a damaged one with a ScratchError."""
+def load_checkpoint(path: Path, module: TrainModule, opt: torch.optim.Optimizer) -> dict:
+    """Restore model, extras, optimizer and RNG state in place; returns the trainer state.
+    Refuses a checkpoint of another model or a damaged one with a ScratchError."""
+    model = module.model
     saved = load_model_config(path)
     if saved != model.config:
         diff = [f"{k} {getattr(saved, k)!r} vs {getattr(model.config, k)!r}"
@@ -156,6 +168,8 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
     try:
         state = json.loads((path / STATE).read_text())
         model_state = load_file(str(path / "model.safetensors"))
+        adapters = load_file(str(path / ADAPTER_WEIGHTS)) if lora_layers(model) else {}
+        extras = load_extras(path, list(module.extras))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         opt_meta = json.loads((path / "optimizer.json").read_text())
         rng = load_file(str(path / "rng.safetensors"))
@@ -165,8 +179,9 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
 
     with torch.device("meta"):  # the whole model's tensor shapes, whatever part this rank has
         check_state(GPT(model.config), model_state, str(path / "model.safetensors"))
-    if model.config.tie_embeddings:  # stored once; the state-dict API wants both names
-        model_state["lm_head.weight"] = model_state["tok_emb.weight"]
+    model_state.update(adapters)
+    for head, emb in tied_weights(model).items():  # stored once; the state-dict API wants both
+        model_state[head] = model_state[emb]
     opt_state: dict = {"param_groups": opt_meta["param_groups"],
                        "state": {name: dict(s) for name, s in opt_meta["scalars"].items()}}
     for key, tensor in opt_tensors.items():
@@ -176,10 +191,11 @@ def load_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer) -> dict:
         model_state, opt_state = _for_stage(model, model_state, opt_state)
     try:
         set_model_state_dict(model, model_state, options=_FULL)
+        set_model_state_dict(module.extras, extras, options=_FULL)
         if isinstance(opt, ZeroOneOptimizer):
-            opt.load_full_state_dict(model, opt_state)
+            opt.load_full_state_dict(module, opt_state)
         else:
-            set_optimizer_state_dict(model, opt, opt_state, options=_FULL)
+            set_optimizer_state_dict(module, opt, opt_state, options=_FULL)
     except (ValueError, KeyError, RuntimeError) as e:
         raise ScratchError(f"{path}: saved model or optimizer state does not fit this model "
                            f"({e})") from None

@@ -6,6 +6,11 @@ them; and an embedding row is only updated when its token occurs, so decay would
 tokens' rows every step while their gradient rarely pushes back. So: decay on every weight
 with 2 or more dimensions except the token and position embeddings (and the head when it is
 tied to the token embedding); none on norms, biases and embeddings.
+
+`recipe_groups` then applies the loop's optimizer options to a stage's groups: with
+train.optimizer=muon the blocks' weight matrices move to Muon groups (train/muon.py), and
+train.embedding_lr / head_lr give the embeddings and an untied head learning rates of their
+own. Each group's "lr_scale" (its peak lr over train.lr) keeps it on the shared schedule.
 """
 
 from __future__ import annotations
@@ -13,30 +18,85 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from scratchlm.model.gpt import GPT
+from scratchlm.errors import ScratchError
+from scratchlm.model.gpt import tied_weights
 
 
-def param_groups(model: GPT, weight_decay: float) -> list[dict]:
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay and no-decay groups over the parameters that train. `module` is a GPT or a
+    TrainModule around one (names "model.*")."""
+    gpt = getattr(module, "model", module)
     # By name, so that a pipeline stage holding the tied head but not the embedding treats it
     # as the embedding it is.
-    embeddings = {"tok_emb.weight", "pos_emb.weight"}
-    if model.config.tie_embeddings:
-        embeddings.add("lm_head.weight")
+    embeddings = {"tok_emb.weight", "pos_emb.weight", *tied_weights(gpt)}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():  # a tied head is the embedding, listed once
+    for name, p in module.named_parameters():  # a tied head is the embedding, listed once
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and name not in embeddings else no_decay).append(p)
+        short = name.removeprefix("model.")
+        (decay if p.dim() >= 2 and short not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+def recipe_groups(groups: list[dict], module: torch.nn.Module, train) -> list[dict]:
+    """A stage's groups (see `param_groups`) split by the optimizer options of `train` (a
+    TrainConfig): Muon groups ("use_muon": True) for the 2-D weights inside the blocks when
+    train.optimizer is muon, and the embeddings and an untied head in groups of their own
+    when train.embedding_lr / head_lr are set. Unchanged when none of these is set."""
+    gpt = getattr(module, "model", module)
+    muon = train.optimizer == "muon"
+    if train.head_lr and tied_weights(gpt):
+        raise ScratchError("train.head_lr: the head is tied to the token embedding "
+                           "(model.tie_embeddings), so it trains at train.embedding_lr; "
+                           "untie it (--model.tie_embeddings=false) or leave head_lr at 0")
+    if not (muon or train.embedding_lr or train.head_lr):
+        return groups
+    prefix = "model." if gpt is not module else ""
+    embeddings = {prefix + n for n in ("tok_emb.weight", "pos_emb.weight", *tied_weights(gpt))}
+    head = f"{prefix}lm_head.weight"
+    names = {id(p): n for n, p in module.named_parameters()}
+
+    def kind(name: str, p: torch.nn.Parameter) -> str:
+        if name in embeddings:
+            return "embedding"
+        if name == head:
+            return "head"
+        if muon and p.dim() == 2 and name.startswith(f"{prefix}blocks."):
+            return "muon"
+        return "adamw"
+
+    # Peak lr of each kind over train.lr: the schedule multiplies it in.
+    scales = {"muon": train.muon_lr / train.lr, "adamw": 1.0,
+              "embedding": (train.embedding_lr or train.lr) / train.lr,
+              "head": (train.head_lr or train.lr) / train.lr}
+    out = []
+    for group in groups:
+        for k in ("muon", "adamw", "embedding", "head"):
+            params = [p for p in group["params"] if kind(names[id(p)], p) == k]
+            if params:
+                out.append({**group, "params": params, "use_muon": k == "muon",
+                            "lr_scale": group.get("lr_scale", 1.0) * scales[k]})
+    return out
+
+
+def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float],
+                    eps: float = 1e-8, momentum: float = 0.95) -> torch.optim.Optimizer:
+    """AdamW over parameter groups (see `param_groups`), or MuonAdamW when a group is marked
+    "use_muon" (see `recipe_groups`; `momentum` is Muon's); empty groups are dropped."""
+    from scratchlm.train.muon import MuonAdamW
+
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ScratchError("no parameter trains (every one is frozen); check what the stage "
+                           "is told to train")
     # The fused kernel is one launch for all parameters on a GPU; foreach elsewhere.
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=fused or None, foreach=None if fused else True)
+    fused = groups[0]["params"][0].device.type == "cuda"
+    if any(g.get("use_muon") for g in groups):
+        return MuonAdamW(groups, lr=lr, betas=betas, eps=eps, momentum=momentum,
+                         fused=fused or None, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None,
+                             foreach=None if fused else True)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float,

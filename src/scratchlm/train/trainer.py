@@ -1,15 +1,19 @@
-"""The training loop every stage reuses.
+"""The one training loop, for every stage; a stage hands it an Objective (train/objective.py).
 
-One optimizer step: `accumulation` micro-batches forward and backward (the loss of each divided
-by their number, so the summed gradient is the mean over the global batch), unscale (fp16),
-clip the global norm, set this step's learning rate, AdamW step. Steps whose loss or gradient
-is not finite are skipped and counted; too many in a row stop the run, its last good
-checkpoint intact. Evaluation, samples, metrics, checkpoints and the loss plot happen here too.
+One optimizer step: the step's micro-batches are drawn first and the items their losses cover
+counted over every data-parallel rank; each micro-batch's summed loss is then scaled by
+(data-parallel ranks / that global count) and back-propagated, so the summed gradient is the
+mean over the global batch whatever the padding or masking (the ranks' gradients are averaged,
+hence the factor). Then unscale (fp16), clip the global norm, set this step's learning rate,
+optimizer step. Steps whose loss or gradient is not finite are skipped and counted; too many
+in a row stop the run, its last good checkpoint intact. Evaluation, samples, metrics,
+checkpoints and the loss plot happen here too. The layout is the Runtime's business
+(scratchlm.parallel.runtime): nothing here branches on it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import math
 import time
@@ -19,22 +23,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scratchlm.config import Config, save_config
-from scratchlm.data.loader import TokenLoader, iter_eval_windows
+from scratchlm.config import TrainConfig, save_config
 from scratchlm.errors import ScratchError
-from scratchlm.eval.perplexity import evaluate_batches, token_byte_lengths
-from scratchlm.memory import held_bytes
-from scratchlm.model.checkpoint import save_model
+from scratchlm.memory import flops_per_token, held_bytes
+from scratchlm.model.checkpoint import save_extras, save_model
 from scratchlm.model.gpt import GPT
-from scratchlm.parallel import DistInfo, barrier, mean_over_ranks, parallelize, print0
-from scratchlm.parallel.ddp import average_gradients
+from scratchlm.parallel import DistInfo, barrier, print0
+from scratchlm.parallel.runtime import parallelize
 from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.metrics import MetricsLogger, memory_gb, peak_flops, plot_losses
-from scratchlm.train.optim import build_optimizer, clip_gradients
-from scratchlm.train.schedule import lr_at
+from scratchlm.train.metrics import (
+    MetricsLogger,
+    matmul_shapes,
+    measured_peak,
+    memory_gb,
+    plot_losses,
+)
+from scratchlm.train.objective import Objective, TrainModule
+from scratchlm.train.optim import recipe_groups
+from scratchlm.train.schedule import lr_at, run_position, warmup_length
 from scratchlm.utils import atomic_write_text
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> str:
@@ -43,6 +50,8 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ScratchError(f"train.device is {name!r} but no CUDA device is available; "
                            "use --train.device=cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ScratchError(f"train.device must be cpu, cuda, cuda:N or auto, got {name!r}")
     return name
 
 
@@ -53,67 +62,94 @@ def resolve_precision(name: str, device: str) -> str:
     return name
 
 
+def run_finished(out: Path) -> dict | None:
+    """The summary of the finished run in `out`, else None (a damaged summary counts as
+    unfinished: the checkpoints decide)."""
+    path = out / "summary.json"
+    if not path.is_file() or not (out / "final").is_dir():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def start_run(out: Path, resume: bool, max_steps: int | None = None) -> dict | None:
+    """Before a stage writes anything into its run directory: refuse to start a new run over
+    one that is there (unless resuming), and return the summary of a finished run that
+    `--resume` asks to continue when there is nothing left to do (the caller then stops,
+    touching nothing). `max_steps` (None when set by epochs): a finished run resumed with
+    more steps continues."""
+    if out.exists() and not out.is_dir():
+        raise ScratchError(f"--out {out} is a file, not a directory; choose a directory")
+    has_run = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) \
+        or (out / "final").is_dir()
+    if has_run and not resume:
+        raise ScratchError(f"{out} already holds a run; pass --resume to continue it, or "
+                           "choose another --out")
+    done = run_finished(out) if resume else None
+    if done is None or max_steps is not None and done.get("steps", 0) < max_steps:
+        return None
+    print0(f"[train] {out} is finished ({done.get('steps')} steps); nothing to do")
+    return done
+
+
 class Trainer:
-    def __init__(self, cfg: Config, model: GPT, tokenizer, data_dir: Path, out: Path,
-                 fingerprint: str, resume: bool = False, progress: bool = True,
-                 dist: DistInfo | None = None) -> None:
-        t = cfg.train
-        self.cfg, self.tokenizer, self.data_dir, self.out = cfg, tokenizer, data_dir, out
+    """Trains `model` on `objective` into the run directory `out`.
+
+    Public: `compute_gradients()` (one step's forward and backward, gradients left in place),
+    `train_step()` (that, then clipping and the optimizer step), `evaluate()`, `save()`,
+    `run()`; `step`, `module`, `optimizer`, `runtime`, `accumulation`, `precision`."""
+
+    def __init__(self, train: TrainConfig, parallel, model: GPT, objective: Objective,
+                 out: Path, run_cfg, tokenizer=None, resume: bool = False,
+                 progress: bool = True, dist: DistInfo | None = None) -> None:
+        self.cfg, self.objective, self.out = train, objective, out
+        self.run_cfg, self.tokenizer = run_cfg, tokenizer
         self.dist = dist or DistInfo()
         self.main = self.dist.is_main
         self.progress = progress and self.main
-        self.device = resolve_device(t.device)
+        self.device = resolve_device(train.device)
         if self.device == "cuda" and self.dist.world_size > 1:
             self.device = f"cuda:{self.dist.local_rank}"
-        self.precision = resolve_precision(t.precision, self.device)
-        info = self.dist
-        self.zero = cfg.parallel.zero if info.dp > 1 else 0
-        self.model = model.to(self.device)
-        self.model.checkpointing = t.activation_checkpointing
-        block = model.config.block_size
-        per_micro = t.micro_batch * block * info.dp  # one micro-batch on every data-parallel rank
-        target = t.global_batch_tokens or per_micro
+        self.precision = resolve_precision(train.precision, self.device)
+        dp = self.dist.dp
+        per_micro = train.micro_batch * dp  # one micro-batch on every data-parallel rank
+        target = objective.global_batch(train) or per_micro
         if target % per_micro:
             raise ScratchError(
-                f"train.global_batch_tokens ({target}) must be a multiple of micro_batch x "
-                f"block_size x data-parallel ranks ({t.micro_batch} x {block} x {info.dp} = "
-                f"{per_micro})")
+                f"the global batch ({target} sequences) must be a multiple of train.micro_batch "
+                f"x data-parallel ranks ({train.micro_batch} x {dp} = {per_micro})")
         self.accumulation = target // per_micro
-        self.tokens_per_step = target
+        self.global_batch = target
+        self.max_steps = train.max_steps
+        if train.epochs and objective.train_size():
+            self.max_steps = max(1, math.ceil(train.epochs * objective.train_size() / target))
         # Ranks of one tensor-parallel group or one pipeline read the same batches.
-        self.loader = TokenLoader(data_dir, "train", block, t.micro_batch, seed=t.seed,
-                                  rank=info.coord("dp"), world_size=info.dp,
-                                  tokenizer_fingerprint=fingerprint)
+        self.loader = objective.batches(train.micro_batch, train.seed, self.dist.coord("dp"),
+                                        dp)
         self.n_params = model.num_params()
-        self.flops_per_step = model.flops_per_token(block) * self.tokens_per_step
-        # Pipeline stage, tensor-parallel split, FSDP shards: before the optimizer sees them.
-        self.pipeline = parallelize(model, info, cfg.parallel, self.device,
-                                    DTYPES[self.precision], self.accumulation)
-        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-        if self.zero == 1:
-            from scratchlm.parallel.zero1 import ZeroOneOptimizer
-
-            self.optimizer = ZeroOneOptimizer(self.optimizer, info.group("dp"))
+        self.flops_per_token = functools.partial(flops_per_token, model.config)
+        self.module = TrainModule(model, objective)
+        self.runtime = parallelize(self.module, self.dist, parallel, self.device,
+                                   self.precision, self.accumulation, train.compile,
+                                   train.activation_checkpointing)
+        groups = recipe_groups(objective.param_groups(self.module, train.weight_decay),
+                               self.module, train)
+        self.optimizer = self.runtime.build_optimizer(groups, train.lr, (train.beta1,
+                                                      train.beta2), train.eps,
+                                                      train.muon_momentum)
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0],
                                            enabled=self.precision == "fp16")
-        self.forward = torch.compile(model) if t.compile and not self.pipeline else model
-        # Gradients averaged over data-parallel ranks: by DDP (alone or under ZeRO-1), by FSDP
-        # (ZeRO-2/3), or by hand after the backward pass when tensor or pipeline parallelism
-        # also runs (DDP's wrapper does not take DTensor parameters or pipeline stages).
-        self.average_by_hand = info.dp > 1 and self.zero == 0 and info.tp * info.pp > 1
-        if info.dp > 1 and self.zero <= 1 and not self.average_by_hand:
-            from scratchlm.parallel.ddp import apply_ddp
-
-            self.forward = apply_ddp(self.forward, self.device, info.group("dp"))
-        # The tied head on the last pipeline stage is the first stage's embedding: count its
-        # gradient once in the norm.
-        self.norm_params = [p for n, p in model.named_parameters()
-                            if not (self.pipeline and n == "lm_head.weight" and
-                                    model.config.tie_embeddings and not self.pipeline.first)]
-        self.byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-        # MFU counts every process's device: the peak of one, measured, times their number.
-        self.peak = peak_flops(self.device, DTYPES[self.precision]) * info.world_size
-        self.step, self.tokens_seen = 0, 0
+        # MFU counts every process's device: the peak of one, measured (at this model's
+        # matmul shapes among others), times their number.
+        self.peak_info = measured_peak(self.device, self.runtime.dtype, matmul_shapes(
+            model.config, train.micro_batch * model.config.block_size))
+        self.peak = self.peak_info["flops"] * self.dist.world_size
+        self.step, self.tokens_seen, self.step_flops = 0, 0, 0.0
+        # Seconds of training: those of earlier sessions of a resumed run, plus this one's
+        # since run() began (read through `clock`, which a test may replace).
+        self.clock, self.elapsed_before, self.started = time.perf_counter, 0.0, None
         self.held: dict[str, int] | None = None
         self.best_val, self.best_step = math.inf, -1
         self.bad_in_row, self.skipped = 0, 0
@@ -121,53 +157,48 @@ class Trainer:
         if resume:
             self._resume()
 
+    @property
+    def model(self) -> GPT:
+        return self.module.model
+
     # --------------------------------------------------------------------------------------------
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.split(":")[0], dtype=DTYPES[self.precision])
+    def compute_gradients(self) -> tuple[float, int]:
+        """Forward and backward over one step's micro-batches; the gradients (of the mean loss
+        over the global batch) are left in the parameters. Returns (the mean loss, the
+        positions the step computed over all ranks)."""
+        batches = [self.loader.next_batch() for _ in range(self.accumulation)]
+        # Items the loss covers, positions computed, and their FLOPs (attention at each
+        # batch's own length), over every data-parallel rank: one all-reduce.
+        counted = torch.tensor([
+            sum(self.objective.count(b) for b in batches),
+            sum(self.objective.tokens(b) for b in batches),
+            sum(self.flops_per_token(b["idx"].shape[-1]) * self.objective.tokens(b)
+                for b in batches)], dtype=torch.float64)
+        count, tokens, self.step_flops = self.runtime.sum_over_dp(counted).tolist()
+        if count <= 0:
+            raise ScratchError(f"step {self.step + 1}: no item in the global batch counts "
+                               "towards the loss (every target is masked); check the data")
+        scale = self.dist.dp / count  # the ranks' gradients are averaged: undo that mean
+        total = self.runtime.forward_backward(
+            batches, scale, lambda loss: self.scaler.scale(loss).backward())
+        self.runtime.finish_backward()
+        loss = self.runtime.sum_over_dp(total.double()).item() / count
+        return loss, int(tokens)
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns its metrics."""
-        t = self.cfg.train
-        total = torch.zeros((), device=self.device)
-        if self.pipeline:  # the step's micro-batches go through the stages together
-            xs, ys = zip(*(self.loader.next_batch() for _ in range(self.accumulation)))
-            with self.autocast():
-                total = self.pipeline.train_step(torch.cat(xs).to(self.device),
-                                                 torch.cat(ys).to(self.device))
-        for micro in range(0 if self.pipeline else self.accumulation):
-            x, y = self.loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            # Data parallel: gradients are averaged over processes once, on the last micro-step.
-            last = micro == self.accumulation - 1
-            if self.zero >= 2:
-                self.model.set_requires_gradient_sync(last)
-            sync = self.forward.no_sync() if hasattr(self.forward, "no_sync") and not last \
-                else contextlib.nullcontext()
-            with sync:
-                with self.autocast():
-                    _, loss = self.forward(x, y)
-                loss = loss / self.accumulation
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
-        if self.dist.tp > 1:
-            from scratchlm.parallel.tensor import settle_gradients
-
-            settle_gradients(self.model)
-        if self.average_by_hand:
-            average_gradients(list(self.model.parameters()), self.dist.group("dp"))
-        # The loss of the whole global batch, on every rank (tensor-parallel and pipeline
-        # ranks of one data-parallel group hold the same value).
-        total = mean_over_ranks(total)
+        t = self.cfg
+        loss_value, tokens = self.compute_gradients()
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16
-        grad_norm = clip_gradients(self.norm_params, t.grad_clip if t.grad_clip > 0 else math.inf,
-                                   self.dist.group("pp") if self.pipeline else None)
-        lr = lr_at(self.step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        grad_norm = self.runtime.clip(t.grad_clip if t.grad_clip > 0 else math.inf)
+        position = run_position(self.step, self.max_steps, self.elapsed(), t.time_budget_s)
+        lr = lr_at(position, t.lr, warmup_length(t.warmup_steps, t.warmup_fraction,
+                                                 self.max_steps),
+                   self.max_steps, t.min_lr_ratio, t.schedule, t.decay_fraction, t.decay_shape)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss_value, norm_value = total.item(), grad_norm.item()
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        norm_value = grad_norm.item()
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite or self.precision == "fp16":
             # fp16: an overflowed gradient is the scaler's to handle (it skips the step and
@@ -179,99 +210,103 @@ class Trainer:
         else:
             skipped = True
         if self.held is None:  # what this rank holds at its fullest: gradients still there
-            self.held = held_bytes(self.model, self.optimizer)
+            self.held = held_bytes(self.module, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         if skipped:
             self.skipped += 1
         bad = not math.isfinite(loss_value) or (not finite and self.precision != "fp16")
         self.bad_in_row = self.bad_in_row + 1 if bad else 0
-        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "skipped": self.skipped}
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "skipped": self.skipped,
+                "step_tokens": tokens, **self.objective.step_metrics()}
 
-    @torch.no_grad()
+    def elapsed(self) -> float:
+        """Seconds of training so far, across resumed sessions (what the time budget and the
+        schedule that follows it count)."""
+        running = self.clock() - self.started if self.started is not None else 0.0
+        return self.elapsed_before + running
+
     def evaluate(self) -> dict:
-        cfg = self.model.config
-        batches = iter_eval_windows(self.data_dir, cfg.block_size, self.cfg.train.micro_batch,
-                                    self.cfg.train.eval_batches)
-        autocast = self.autocast() if self.precision != "fp32" else None
-        if self.pipeline:
-            return evaluate_batches(self.model, batches, self.byte_lengths, self.device, autocast,
-                                    self.pipeline.forward_logits, self.dist.group("pp"))
-        return evaluate_batches(self.model, batches, self.byte_lengths, self.device, autocast)
-
-    def sample(self) -> str:
-        from scratchlm.generate import generate_text
-
-        n = min(self.cfg.train.sample_tokens, self.model.config.block_size - 1)
-        if n <= 0:
-            return ""
-        text = generate_text(self.model, self.tokenizer, "<|endoftext|>", n, temperature=0.8,
-                             top_k=50, seed=self.step, stop_at_eot=True)
-        self.model.train()
-        return text
+        """The objective's validation metrics ({} when it has no validation data)."""
+        was_training = self.module.training
+        self.module.eval()
+        with torch.no_grad():
+            metrics = self.objective.evaluate(self.runtime)
+        self.module.train(was_training)
+        return metrics
 
     # --------------------------------------------------------------------------------------------
 
-    @property
-    def stage_group(self):
-        return self.dist.group("pp") if self.pipeline else None
-
     def _state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+        return {"step": self.step, "tokens_seen": self.tokens_seen,
+                "best_val": self.best_val if math.isfinite(self.best_val) else None,
                 "best_step": self.best_step, "skipped": self.skipped,
-                "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
-                "config": asdict(self.cfg)}
+                "max_steps": self.max_steps, "elapsed_s": self.elapsed(),
+                "loader": self.loader.state_dict(),
+                "objective": self.objective.state_dict(), "scaler": self.scaler.state_dict(),
+                "config": asdict(self.run_cfg)}
 
     def save(self) -> None:
         """Every rank helps gather the whole state (sharded under FSDP); rank 0 writes."""
-        model_state, opt_state = ckpt.gather_state(self.model, self.optimizer, self.stage_group)
+        states = ckpt.gather_state(self.module, self.optimizer, self.runtime.stage_group)
         if self.main:
-            ckpt.save_checkpoint(self.out, self.step, self.model, model_state, opt_state,
-                                 self.tokenizer, self.cfg, self._state())
-            ckpt.prune(self.out, self.cfg.train.keep_last, {self.best_step})
+            ckpt.save_checkpoint(self.out, self.step, self.module, states, self.tokenizer,
+                                 self.run_cfg, self._state())
+            ckpt.prune(self.out, self.cfg.keep_last, {self.best_step})
         barrier()
 
     def _resume(self) -> None:
-        """Continue from the newest checkpoint that loads; a damaged one, or one of another
-        model, is reported and the one before it tried."""
+        """Continue from the newest checkpoint that loads; a damaged one is reported and the
+        one before it tried. When checkpoints exist but none loads, refuse: nothing is
+        deleted or overwritten."""
+        failures = []
         for path in reversed(ckpt.list_checkpoints(self.out)):
             try:
-                state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+                state = ckpt.load_checkpoint(path, self.module, self.optimizer)
                 self.loader.load_state_dict(state["loader"])
+                self.objective.load_state_dict(state.get("objective", {}))
             except ScratchError as e:
                 print0(f"[train] cannot resume from {path.name}: {e}; trying an older one")
+                failures.append(f"{path.name}: {e}")
                 continue
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            self.best_val, self.best_step = state["best_val"], state["best_step"]
-            self.skipped = state["skipped"]
+            self.elapsed_before = state.get("elapsed_s", 0.0)
+            best = state["best_val"]
+            self.best_val = math.inf if best is None else best
+            self.best_step, self.skipped = state["best_step"], state["skipped"]
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             if self.logger:
                 self.logger.truncate(self.step)
             print0(f"[train] resumed from {path} (step {self.step})")
             return
+        if failures:
+            raise ScratchError(f"cannot resume {self.out}: no checkpoint loads ("
+                               f"{'; '.join(failures)}); nothing was changed")
+        if self.logger:  # rows of steps no checkpoint kept are done again
+            self.logger.truncate(0)
         print0(f"[train] no checkpoint to resume in {self.out / 'checkpoints'}; starting at 0")
 
     def run(self) -> dict:
-        t = self.cfg.train
-        if self.step >= t.max_steps:
-            print0(f"[train] already at step {self.step} of {t.max_steps}")
-        self.model.train()
+        t = self.cfg
+        self.module.train()
         start = time.perf_counter()
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="pretraining", unit="step",
-                   disable=not self.progress)
+        self.started = self.clock()
+        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.objective.name,
+                   unit="step", disable=not self.progress)
         last_val: dict = {}
-        while self.step < t.max_steps:
+        while self.step < self.max_steps:
             t0 = time.perf_counter()
             row = self.train_step()
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             self.step += 1
-            self.tokens_seen += self.tokens_per_step
-            row.update(step=self.step, tokens=self.tokens_seen,
-                       tokens_per_s=self.tokens_per_step / dt,
-                       mfu=self.flops_per_step / dt / self.peak,
-                       memory_gb=memory_gb(self.device), time_s=time.perf_counter() - start)
+            tokens = row.pop("step_tokens")
+            self.tokens_seen += tokens
+            row.update(step=self.step, tokens=self.tokens_seen, tokens_per_s=tokens / dt,
+                       mfu=min(1.0, self.step_flops / dt / self.peak),
+                       memory_gb=memory_gb(self.device),
+                       time_s=self.elapsed())
             if self.bad_in_row >= t.max_bad_steps:
                 bar.close()
                 good = ckpt.list_checkpoints(self.out)
@@ -279,22 +314,22 @@ class Trainer:
                     f"loss or gradients were not finite for {self.bad_in_row} steps in a row "
                     f"(at step {self.step}); lower train.lr or use fp32/bf16. Last good "
                     f"checkpoint: {good[-1] if good else 'none'}")
-            out_of_time = t.time_budget_s and time.perf_counter() - start >= t.time_budget_s
-            done = self.step >= t.max_steps or out_of_time
+            out_of_time = t.time_budget_s and self.elapsed() >= t.time_budget_s
+            done = self.step >= self.max_steps or out_of_time
             if (t.eval_every and self.step % t.eval_every == 0) or done:
                 last_val = self.evaluate()
-                row.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"],
-                           val_bpb=last_val["bpb"])
-                if last_val["loss"] < self.best_val:
+                row.update({f"val_{k}": v for k, v in last_val.items()})
+                if last_val.get("loss", math.inf) < self.best_val:
                     self.best_val, self.best_step = last_val["loss"], self.step
                 # Under FSDP every rank must run the forward passes (they gather the weights).
-                # Samples need the whole model in one place: none under tensor or pipeline
-                # parallelism, whose ranks each hold part of it.
-                whole = self.dist.tp == self.dist.pp == 1
-                sample = self.sample() if whole and (self.main or self.zero >= 2) else ""
-                if sample and self.progress:
-                    tqdm.write(f"[step {self.step}] val loss {last_val['loss']:.3f}, "
-                               f"bpb {last_val['bpb']:.3f} | {sample[:200]!r}")
+                sample = self.runtime.call(lambda model, _: self.objective.sample(
+                    model, self.step)) if self.runtime.whole and \
+                    (self.main or self.runtime.zero >= 2) else ""
+                if self.progress and last_val:
+                    shown = ", ".join(f"{k} {v:.3f}" for k, v in last_val.items()
+                                      if isinstance(v, float))
+                    tqdm.write(f"[step {self.step}] val {shown}"
+                               + (f" | {sample[:200]!r}" if sample else ""))
             if self.logger:
                 self.logger.log(row)
             bar.update(1)
@@ -307,13 +342,13 @@ class Trainer:
                 self.save()
             if out_of_time:
                 print0(f"[train] time budget of {t.time_budget_s:.0f} s reached at step "
-                      f"{self.step}")
+                       f"{self.step}")
                 break
         bar.close()
         return self.finish(last_val, time.perf_counter() - start)
 
     def finish(self, last_val: dict, seconds: float) -> dict:
-        model_state = ckpt.gather_model_state(self.model, self.stage_group)
+        model_state, extras = ckpt.gather_model_state(self.module, self.runtime.stage_group)
         # Per-rank memory, the largest over ranks (pipeline stages differ): bytes of weights,
         # gradients and optimizer state held, and the peak memory of the process or device.
         held = dict(self.held or {}, peak=int(memory_gb(self.device) * 1e9))
@@ -321,30 +356,37 @@ class Trainer:
         if self.dist.world_size > 1:
             torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
         per_rank = {k: int(v) for k, v in zip(held, largest.tolist())}
-        if not self.main:
-            barrier()
-            return {"steps": self.step, "val": last_val}
-        final = self.out / "final"
-        save_model(self.model, final, self.tokenizer, state=model_state)
-        save_config(self.cfg, final / "run.yaml")
-        rows = self.logger.rows()
-        self.logger.close()
-        plot_losses(rows, self.out / "loss.png", f"pretraining: {self.model.config.n_layer} "
-                    f"layers x {self.model.config.n_embd}")
-        train_rows = [r for r in rows if "tokens_per_s" in r]
-        steady = train_rows[len(train_rows) // 5:] or train_rows  # leave out warm-up steps
-        summary = {
-            "steps": self.step, "tokens": self.tokens_seen, "seconds": seconds,
-            "final_train_loss": rows[-1]["loss"] if rows else None,
-            "val": last_val, "best_val_loss": self.best_val, "best_step": self.best_step,
-            "skipped_steps": self.skipped,
-            "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(len(steady), 1),
-            "mfu": sum(r["mfu"] for r in steady) / max(len(steady), 1),
-            "peak_flops": self.peak, "precision": self.precision, "device": self.device,
-            "parameters": self.n_params, "per_rank_bytes": per_rank,
-            "layout": {"dp": self.dist.dp, "tp": self.dist.tp, "pp": self.dist.pp,
-                       "zero": self.zero},
-        }
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        summary: dict = {"steps": self.step}
+        if last_val:
+            summary["val"] = last_val
+        if self.main:
+            final = self.out / "final"
+            save_model(self.model, final, self.tokenizer, state=model_state)
+            save_extras(final, extras)
+            save_config(self.run_cfg, final / "run.yaml")
+            rows = self.logger.rows()
+            self.logger.close()
+            cfg = self.model.config
+            plot_losses(rows, self.out / "loss.png",
+                        f"{self.objective.name}: {cfg.n_layer} layers x {cfg.n_embd}")
+            train_rows = [r for r in rows if "tokens_per_s" in r]
+            steady = train_rows[len(train_rows) // 5:] or train_rows  # leave out warm-up steps
+            summary.update({
+                "objective": self.objective.name, "tokens": self.tokens_seen,
+                "seconds": seconds, "final_train_loss": rows[-1]["loss"] if rows else None,
+                "skipped_steps": self.skipped,
+                "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(len(steady), 1),
+                "mfu": sum(r["mfu"] for r in steady) / max(len(steady), 1),
+                "peak_flops": self.peak, "peak_flops_measured": self.peak_info["how"],
+                "precision": self.precision, "device": self.device,
+                "parameters": self.n_params, "per_rank_bytes": per_rank,
+                "layout": {"dp": self.dist.dp, "tp": self.dist.tp, "pp": self.dist.pp,
+                           "zero": self.runtime.zero},
+            })
+            if math.isfinite(self.best_val):
+                summary.update(best_val_loss=self.best_val, best_step=self.best_step)
+        self.objective.finish(self.runtime, self.out, summary)
+        if self.main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         barrier()
         return summary

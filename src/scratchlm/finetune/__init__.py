@@ -1,0 +1,1 @@
+"""Fine-tuning: classification, instruction following (SFT), LoRA."""
