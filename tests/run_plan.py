@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from scratchlm.cli import resolve_recipe
-from scratchlm.config import Config, load_config
+from scratchlm.config import Config, load_config, resolve_recipe
 from scratchlm.parallel import barrier, teardown
 from scratchlm.train.pretrain import run_pretraining
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,17 +93,22 @@ def test_gpt2_import_export(gpt2_dir: Path, tmp_path: Path, monkeypatch, capsys)
 
 
 def test_demo_builds_then_reuses(tmp_path: Path, monkeypatch, capsys) -> None:
-    """The whole pipeline with the tiny recipe (`make demo` runs configs/demo.yaml)."""
-    argv = ["demo", "--config", "tiny-cpu", "--out", str(tmp_path), "--quiet"]
+    """The whole pipeline with the tiny recipe (`make demo` runs configs/demo.yaml); the
+    --train.* overrides cap the fine-tuning stages too."""
+    argv = ["demo", "--config", "tiny-cpu", "--out", str(tmp_path), "--quiet",
+            "--train.max_steps=8", "--train.epochs=0", "--model.block_size=256"]
     code, out, _ = run(argv, monkeypatch, capsys)
     assert code == 0 and "training a 2,048-token" in out and "preparing shards" in out
     report = (tmp_path / "report.md").read_text()
     for part in ["## Tokenizer", "## Data", "## Pretraining", "bits per byte", "loss.png",
-                 "## Samples", "ROMEO:"]:
+                 "## Samples", "ROMEO:", "## Fine-tuning", "majority class", "exact match"]:
         assert part in report
     assert (tmp_path / "loss.png").is_file()
+    for stage in ("genre", "sft"):
+        assert json.loads((tmp_path / stage / "summary.json").read_text())["steps"] == 8
     code, out, _ = run(argv, monkeypatch, capsys)
     assert code == 0 and "reusing the finished run" in out and "training a" not in out
+    assert "nothing to do" in out  # the fine-tuning stages are reused too
     code, _, err = run(argv + ["--train.max_steps=61"], monkeypatch, capsys)
     assert code == 2 and "finished run of another config" in err
 

@@ -118,6 +118,12 @@ def test_collation_masks_pads_cuts_and_packs(tiny_run: Path) -> None:
     cap = short + 10
     examples, stats = encode_examples(convs, template, tok, cap, "cut", False)
     assert stats == {"cut": 1, "dropped": 0} and len(examples[1].ids) == cap + 1
+    # the prompt was cut from its start down to its last token; the response from its end
+    assert examples[1].labels[0] == IGNORE and examples[1].labels[1] != IGNORE
+    assert tok.decode(examples[1].ids[1:]).startswith("one two three")
+    prompt_heavy = [alpaca_messages("Count. " * 40, "", "Forsooth")]
+    (kept,), _ = encode_examples(prompt_heavy, template, tok, cap, "cut", False)
+    assert tok.decode([t for t in kept.labels if t != IGNORE]) == "Forsooth<|endoftext|>"
     batch = collate(examples, pad_id=tok.eot_id)
     assert batch["idx"].shape == (2, cap) and batch["targets"].shape == (2, cap)
     first = examples[0]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scratchlm import __version__
+from scratchlm.config import resolve_recipe
 from scratchlm.errors import ScratchError
 from scratchlm.utils import atomic_dir, check_output_dir
 
@@ -147,21 +148,6 @@ def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # pretrain
-
-
-def resolve_recipe(name: str | None) -> Path | None:
-    """A config path as given, or a recipe name from the project's configs/ directory."""
-    if name is None:
-        return None
-    path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    recipe = Path(__file__).resolve().parent / "configs" / f"{name}.yaml"  # in the package
-    if recipe.is_file():
-        return recipe
-    known = sorted(p.stem for p in recipe.parent.glob("*.yaml"))
-    raise ScratchError(f"no config file {name!r} and no recipe of that name; recipes: "
-                       f"{', '.join(known)}")
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -695,7 +681,9 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from scratchlm.demo import run_demo
 
     cfg = load_config(Config, resolve_recipe(args.config or "demo"), overrides)
-    report = run_demo(cfg, Path(args.out), progress=not args.quiet)
+    # --train.* reaches every stage the demo trains (a device, a precision, a step cap).
+    train = [o for o in overrides if o.startswith("--train.")]
+    report = run_demo(cfg, Path(args.out), progress=not args.quiet, train_overrides=train)
     print(f"demo finished; report: {report}")
     return 0
 

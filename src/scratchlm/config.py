@@ -60,6 +60,25 @@ class TokenizerConfig:
                  "be empty")
 
 
+# The recipes travel with the package; configs/ at the top of the repository links here.
+RECIPES = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_recipe(name: str | None) -> Path | None:
+    """A config path as given, or a recipe name from the project's configs/ directory."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    recipe = RECIPES / f"{name}.yaml"
+    if recipe.is_file():
+        return recipe
+    known = sorted(p.stem for p in recipe.parent.glob("*.yaml"))
+    raise ScratchError(f"no config file {name!r} and no recipe of that name; recipes: "
+                       f"{', '.join(known)}")
+
+
 @dataclass
 class TrainConfig:
     """The one training loop and its optimizer, the same for every stage (stages differ in
@@ -347,8 +366,9 @@ class SFTSection:
     max_length: int | None = None
     """Most tokens of an example (or a packed block); None = the model's context."""
     too_long: Literal["cut", "drop", "error"] = "cut"
-    """An example longer than max_length: cut at the end (counted and reported), dropped
-    (counted), or an error."""
+    """An example longer than max_length: cut (the prompt from its start, then the response
+    from its end, so the answer survives; counted and reported), dropped (counted), or an
+    error."""
     train_on_prompt: bool = False
     """Put the loss on the prompt's tokens too, not only on the response's."""
     packing: bool = False

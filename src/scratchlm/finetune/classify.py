@@ -28,14 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.config import ClassifyConfig, ClassifySection, save_config
-from scratchlm.data.loader import ExampleLoader
 from scratchlm.data.records import read_records
 from scratchlm.data.tasks import BUILTIN_CLASSIFY, builtin_task
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT, tied_weights
 from scratchlm.model.lora import apply_lora, lora_layers
 from scratchlm.parallel import init_distributed, is_main, print0
-from scratchlm.train.objective import Objective
+from scratchlm.train.objective import ExampleObjective
 from scratchlm.utils import atomic_write_text
 
 HEAD = "classifier"  # the extra module's name: classifier.safetensors beside the model
@@ -124,6 +123,14 @@ def encode_splits(splits: dict[str, list[tuple[str, str]]], tokenizer, max_lengt
         cut[name] = sum(len(x) > max_length for x in ids)
         out[name] = [Example(x[:max_length], index[label]) for x, (_, label) in zip(ids, pairs)]
     return out, cut
+
+
+def majority_accuracy(data: dict[str, list[Example]]) -> float:
+    """The baseline to beat: the accuracy on the test split (else validation) of always
+    answering the training split's most common label."""
+    common = Counter(e.label for e in data["train"]).most_common(1)[0][0]
+    shown = data.get("test") or data["val"]
+    return sum(e.label == common for e in shown) / len(shown)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -216,29 +223,22 @@ def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dic
 # the objective
 
 
-class ClassifyObjective(Objective):
+class ClassifyObjective(ExampleObjective):
     name = "classification"
 
     def __init__(self, model: GPT, data: dict[str, list[Example]], labels: list[str],
                  section: ClassifySection, pad_id: int, max_length: int,
                  truncated: dict[str, int]) -> None:
-        super().__init__()
-        self.data, self.labels, self.truncated = data, labels, truncated
+        super().__init__(data)
+        self.labels, self.truncated = labels, truncated
         self.pad_id, self.max_length = pad_id, max_length
         self.pooling = section.pooling
         self.extras = {HEAD: new_head(model, len(labels))}
         if not lora_layers(model):  # with LoRA the adapters train, the base stays frozen
             set_trainable(model, section.trainable, section.last_blocks)
 
-    def batches(self, micro_batch: int, seed: int, rank: int, world_size: int) -> ExampleLoader:
-        return ExampleLoader(self.data["train"], self._collate, micro_batch, seed, rank,
-                             world_size)
-
-    def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return collate(examples, self.pad_id)
-
-    def train_size(self) -> int:
-        return len(self.data["train"])
 
     def count(self, batch: dict) -> int:
         return len(batch["labels"])
@@ -281,6 +281,7 @@ class ClassifyObjective(Objective):
                    if self.data[split]}
         summary["metrics"] = {s: {k: m[k] for k in ("loss", "accuracy", "macro_f1")}
                               for s, m in metrics.items()}
+        summary["majority"] = majority_accuracy(self.data)
         summary["truncated"] = self.truncated
         if not is_main():
             return

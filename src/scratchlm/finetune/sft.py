@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from scratchlm.config import SFTConfig, SFTSection, save_config
-from scratchlm.data.loader import ExampleLoader
 from scratchlm.data.records import read_records
 from scratchlm.data.tasks import instruction_task
 from scratchlm.errors import ScratchError
@@ -34,7 +33,7 @@ from scratchlm.model.gpt import GPT
 from scratchlm.model.logprobs import IGNORE, cross_entropy_sum
 from scratchlm.parallel import init_distributed, is_main, print0
 from scratchlm.templates import Template, alpaca_messages, check_messages, save_template
-from scratchlm.train.objective import Objective
+from scratchlm.train.objective import ExampleObjective
 from scratchlm.utils import atomic_write_text
 
 EVAL_BATCH = 8
@@ -121,7 +120,7 @@ def encode_examples(convs: list[Conversation], template: Template, tokenizer, ma
             if too_long == "drop":
                 dropped += 1
                 continue
-            ids, mask = ids[:max_length + 1], mask[:max_length + 1]
+            ids, mask = cut_to(ids, mask, max_length + 1)
             cut += 1
         labels = [t if (m or train_on_prompt) else IGNORE for t, m in zip(ids, mask)]
         if all(label == IGNORE for label in labels[1:]):
@@ -129,6 +128,15 @@ def encode_examples(convs: list[Conversation], template: Template, tokenizer, ma
             continue
         examples.append(Example(ids, labels))
     return examples, {"cut": cut, "dropped": dropped}
+
+
+def cut_to(ids: list[int], mask: list[bool], n: int) -> tuple[list[int], list[bool]]:
+    """The example cut to n tokens so that as much of the response as possible stays: the
+    prompt loses tokens from its start (its last token, which predicts the response's first,
+    is kept), then the response from its end."""
+    prompt = mask.index(True) if True in mask else len(ids)
+    start = min(len(ids) - n, max(prompt - 1, 0))
+    return ids[start:start + n], mask[start:start + n]
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
@@ -210,26 +218,19 @@ def score_responses(model: GPT, tokenizer, template: Template, convs: list[Conve
 # the objective
 
 
-class SFTObjective(Objective):
+class SFTObjective(ExampleObjective):
     name = "instruction tuning"
     token_level = True
 
     def __init__(self, data: dict[str, list[Example]], test: list[Conversation],
                  tokenizer, template: Template, section: SFTSection, pad_id: int,
                  stats: dict) -> None:
-        super().__init__()
-        self.data, self.test, self.tokenizer, self.template = data, test, tokenizer, template
+        super().__init__(data)
+        self.test, self.tokenizer, self.template = test, tokenizer, template
         self.section, self.pad_id, self.stats = section, pad_id, stats
 
-    def batches(self, micro_batch: int, seed: int, rank: int, world_size: int) -> ExampleLoader:
-        return ExampleLoader(self.data["train"], self._collate, micro_batch, seed, rank,
-                             world_size)
-
-    def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return collate(examples, self.pad_id)
-
-    def train_size(self) -> int:
-        return len(self.data["train"])
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from scratchlm.data.loader import ExampleLoader
 from scratchlm.model.gpt import GPT
 from scratchlm.train.optim import param_groups
 
@@ -133,3 +134,24 @@ class TrainModule(nn.Module):
         """The objective's loss of `batch`, or `fn(model, extras, batch)` (evaluation through
         the same wrapper)."""
         return (fn or self.objective.loss)(self.model, self.extras, batch)
+
+
+class ExampleObjective(Objective):
+    """An objective over a fixed set of examples per split (classification, SFT, reward
+    models, DPO): the training split drawn in seeded epochs by an ExampleLoader, each
+    micro-batch made by `collate`."""
+
+    def __init__(self, data: dict[str, list]) -> None:
+        super().__init__()
+        self.data = data
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        """A micro-batch of tensors from a list of examples."""
+        raise NotImplementedError
+
+    def batches(self, micro_batch: int, seed: int, rank: int, world_size: int) -> Batches:
+        return ExampleLoader(self.data["train"], self.collate, micro_batch, seed, rank,
+                             world_size)
+
+    def train_size(self) -> int:
+        return len(self.data["train"])

@@ -153,6 +153,8 @@ class Trainer:
         self.held: dict[str, int] | None = None
         self.best_val, self.best_step = math.inf, -1
         self.bad_in_row, self.skipped = 0, 0
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
         self.logger = MetricsLogger(out, resume) if self.main else None
         if resume:
             self._resume()
