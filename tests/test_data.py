@@ -107,6 +107,33 @@ def test_reader_errors(tmp_path: Path) -> None:
         list(iter_documents([tmp_path / "p.parquet"]))
 
 
+
+def test_truncated_or_damaged_compressed_input_is_one_line(tmp_path: Path) -> None:
+    """A cut .gz or .zst is an error naming the file, never its first half read as a whole
+    (zstandard's own stream reader ends quietly at a cut); a file of several zstd frames is
+    read whole."""
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(3000))
+    data = lines.encode()
+    zst = zstandard.ZstdCompressor()
+    gz = gzip.compress(data)
+    cases = {"cut.jsonl.gz": gz[:len(gz) // 2], "cut.txt.gz": gz[:-8],
+             "cut.jsonl.zst": zst.compress(data)[:-100], "cut.txt.zst": zst.compress(data)[:-3],
+             "junk.txt.gz": b"not gzip", "junk.jsonl.zst": b"not zstd at all"}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        kind = name.rsplit(".", 1)[1]
+        with pytest.raises(ScratchError, match=rf"{name}: the {kind} stream is truncated or "
+                                               "damaged .*; download or compress it again"):
+            list(iter_documents([tmp_path / name]))
+    half = len(data) // 2
+    cut = data.rindex(b"\n", 0, half) + 1
+    (tmp_path / "frames.jsonl.zst").write_bytes(zst.compress(data[:cut]) + zst.compress(data[cut:]))
+    assert len(list(iter_documents([tmp_path / "frames.jsonl.zst"]))) == 3000
+    (tmp_path / "empty.txt.zst").write_bytes(b"")
+    assert [d.text for d in iter_documents([tmp_path / "empty.txt.zst"])] == [""]
+
 # ------------------------------------------------------------------------------------------------
 # cleaning and filters
 
@@ -338,6 +365,79 @@ def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_dat
         assert resumed[key] == whole[key]
 
 
+def _austen_jsonl(shared_data: Path, path: Path, files: tuple[str, ...]) -> Path:
+    paras = [p for f in files for p in (shared_data / "corpus" / "austen" / f)
+             .read_text(encoding="utf-8").split("\n\n")]
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras), encoding="utf-8")
+    return path
+
+
+def _same_shards(a: Path, b: Path) -> None:
+    ma = json.loads((a / "manifest.json").read_text())
+    mb = json.loads((b / "manifest.json").read_text())
+    for key in ("documents_in", "documents_kept", "tokens", "removed", "shards"):
+        assert ma[key] == mb[key], key
+    for s in ma["shards"]:
+        assert (a / s["file"]).read_bytes() == (b / s["file"]).read_bytes()
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+
+
+def test_failed_prepare_leaves_its_resume_state_or_nothing(tmp_path: Path, tok_dir: Path,
+                                                           shared_data: Path) -> None:
+    """A damaged input met before any shard is done: the run's directory is gone again. Met
+    after some: the error says the progress is kept, and once the input is whole the same
+    command resumes to the shards of an undisturbed run."""
+    good = _austen_jsonl(shared_data, tmp_path / "b.jsonl.gz.src", ("persuasion.txt",))
+    whole = gzip.compress(good.read_bytes())
+    first = _austen_jsonl(shared_data, tmp_path / "a.jsonl", ("northangerabbey.txt",))
+    damaged = tmp_path / "b.jsonl.gz"
+    damaged.write_bytes(whole[:2000])  # a few thousand tokens: less than a shard
+    cfg = DataConfig(workers=1, filters=books(), shard_tokens=20_000)
+    with pytest.raises(ScratchError, match=r"b.jsonl.gz: the gz stream is truncated") as e:
+        prepare([damaged], tok_dir, tmp_path / "early", cfg, progress=False)
+    assert "resume" not in str(e.value) and not (tmp_path / "early").exists()
+    with pytest.raises(ScratchError, match=r"truncated or damaged .*progress so far is kept in "
+                                           ".*run the same command again to resume"):
+        prepare([first, damaged], tok_dir, tmp_path / "late", cfg, progress=False)
+    assert (tmp_path / "late" / prepare_mod.STATE).is_file()
+    assert not (tmp_path / "late" / "manifest.json").exists()
+    damaged.write_bytes(whole)
+    prepare([first, damaged], tok_dir, tmp_path / "late", cfg, progress=False)
+    prepare([first, damaged], tok_dir, tmp_path / "undisturbed", cfg, progress=False)
+    _same_shards(tmp_path / "undisturbed", tmp_path / "late")
+
+
+@pytest.mark.slow
+def test_sigkill_during_prepare_ends_resumable(tmp_path: Path, tok_dir: Path,
+                                               shared_data: Path) -> None:
+    """`scratchlm data prepare` killed (SIGKILL: no clean-up runs) once its first partial shard
+    exists, and again once it has saved progress: each time the same command then finishes
+    with the shards of an undisturbed run and no leftover file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from scratchlm.cli import main
+
+    src = _austen_jsonl(shared_data, tmp_path / "austen.jsonl",
+                        ("persuasion.txt",))
+    args = ["data", "prepare", "--input", str(src), "--tokenizer", str(tok_dir), "--quiet",
+            "--data.workers=1", "--data.shard_tokens=20000", "--data.filters.preset=books"]
+    assert main([*args, "--out", str(tmp_path / "undisturbed")]) == 0
+    for when in (".train_000000.bin.partial", prepare_mod.STATE):
+        out = tmp_path / f"killed{when}"
+        proc = subprocess.Popen([sys.executable, "-m", "scratchlm.cli", *args, "--out", str(out)])
+        deadline = time.monotonic() + 120
+        while not (out / when).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL  # it was killed mid-run, not finished
+        assert not (out / "manifest.json").exists()
+        assert main([*args, "--out", str(out)]) == 0
+        _same_shards(tmp_path / "undisturbed", out)
+
 def test_prepare_bad_input(tmp_path: Path, tok_dir: Path) -> None:
     (tmp_path / "tiny.txt").write_text("too short\n")
     with pytest.raises(ScratchError, match="no text left"):
@@ -377,7 +477,8 @@ def shards(tmp_path_factory, tok_dir: Path, shared_data: Path) -> Path:
 
 def test_loader_windows_are_shifted_slices(shards: Path) -> None:
     loader = TokenLoader(shards, "train", 64, 4, seed=1)
-    x, y = loader.next_batch()
+    batch = loader.next_batch()
+    x, y = batch["idx"], batch["targets"]
     assert x.shape == y.shape == (4, 64) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
 
@@ -386,8 +487,8 @@ def test_loader_ranks_split_the_single_process_batch(shards: Path) -> None:
     single = TokenLoader(shards, "train", 32, 8, seed=3)
     ranks = [TokenLoader(shards, "train", 32, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
     for _ in range(50):  # across an epoch boundary too
-        x, _ = single.next_batch()
-        parts = [r.next_batch()[0] for r in ranks]
+        x = single.next_batch()["idx"]
+        parts = [r.next_batch()["idx"] for r in ranks]
         assert torch.equal(torch.cat(parts), x)
 
 
@@ -398,7 +499,7 @@ def test_loader_resumes_exactly(shards: Path) -> None:
     b = TokenLoader(shards, "train", 64, 8, seed=0)
     b.load_state_dict(a.state_dict())
     for _ in range(a.n_windows // 8 + 5):  # through the next epoch's reshuffle
-        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+        assert torch.equal(a.next_batch()["idx"], b.next_batch()["idx"])
     with pytest.raises(ScratchError, match="belongs to other data"):
         TokenLoader(shards, "train", 32, 8, seed=0).load_state_dict(a.state_dict())
 

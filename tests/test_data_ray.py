@@ -29,7 +29,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory, shakespeare: str) -> Path:
     out = tmp_path_factory.mktemp("tok")
-    BPETokenizer.train(shakespeare[:100_000], 400, progress=False).save(out)
+    BPETokenizer.train(shakespeare[:30_000], 300, progress=False).save(out)
     return out
 
 
@@ -121,6 +121,12 @@ def test_ray_engine_refuses_before_writing(tmp_path: Path, tok_dir: Path,
     with pytest.raises(ScratchError, match="--engine must be one of"):
         prepare(inputs, tok_dir, tmp_path / "x", DataConfig(), engine="spark")
     assert not (tmp_path / "x").exists()
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / ".prepare_state.json").write_text("{}")
+    with pytest.raises(ScratchError, match="holds an unfinished local run.*--engine local"):
+        prepare(inputs, tok_dir, tmp_path / "unfinished", DataConfig(), engine="ray")
+    with pytest.raises(ScratchError, match="not texts in memory"):
+        prepare([], tok_dir, tmp_path / "y", DataConfig(), documents=["a text"], engine="ray")
 
 
 def test_cli_engine_flags(tmp_path: Path, tok_dir: Path, inputs: list[Path],
@@ -133,3 +139,19 @@ def test_cli_engine_flags(tmp_path: Path, tok_dir: Path, inputs: list[Path],
     assert main([*base, "--out", str(tmp_path / "b"), "--data.filters.preset=fineweb"]) == 2
     assert "data.filters.preset: 'fineweb' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_ray_engine_damaged_input_is_one_line_and_leaves_nothing(
+        cluster, tmp_path: Path, tok_dir: Path, inputs: list[Path]) -> None:
+    """A task's error (a cut .gz) reaches the user as its own one line, not a remote traceback;
+    the run's directory is removed (this engine keeps no resume state)."""
+    import gzip
+
+    whole = gzip.compress(inputs[1].read_bytes())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    cfg = DataConfig(workers=1, filters=FilterConfig("books"))
+    with pytest.raises(ScratchError) as e:
+        prepare([inputs[0], cut], tok_dir, tmp_path / "out", cfg, progress=False, engine="ray")
+    assert str(e.value).startswith(f"{cut}: the gz stream is truncated or damaged")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

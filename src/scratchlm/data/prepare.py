@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -327,12 +328,69 @@ def prepare(
     if engine == "ray":
         from scratchlm.data.ray_engine import prepare_ray
 
+        if documents is not None and documents_name != BUILTIN_NAME:
+            raise ScratchError("--engine ray reads its inputs on the cluster's nodes: give "
+                               "files (or the built-in corpus), not texts in memory")
+        if (out / STATE).is_file():  # the Ray engine neither resumes it nor may clobber it
+            raise ScratchError(f"{out} holds an unfinished local run ({STATE}); resume it "
+                               "with --engine local, or use another --out")
+
         return prepare_ray(named, tokenizer_dir, out, cfg, builtin=documents is not None,
                            builtin_only=builtin_only, address=address, progress=progress)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     key = _run_key(named or [documents_name], tokenizer_fingerprint(tokenizer_dir), cfg)
     state = _load_state(out, key)
+    if state is None:
+        _clear_leftovers(out, say=True)
+    try:
+        return _prepare_local(out, key, state, tok, tokenizer_dir, cfg, named, documents,
+                              builtin_only, progress)
+    except BaseException as e:
+        failed(out, created, e)
+        raise
 
+
+def _clear_leftovers(out: Path, say: bool = False) -> None:
+    """Remove the dedup logs, spilled index runs and partial shards of a run that saved no
+    progress (a fresh run first clears those of one killed early: they resume nothing)."""
+    found = [p for p in out.glob(".*") if p.name.startswith(".prepare_")
+             or p.name.endswith(".partial")]
+    if found and say:
+        print(f"[data] {out}: removing {len(found)} leftover file(s) of an interrupted run that "
+              "saved no progress")
+    _remove_state(out)
+    for p in found:
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def failed(out: Path, created: bool, error: BaseException) -> None:
+    """After a failed run: progress it saved stays as its resume state (and the error says so);
+    otherwise the partial files go, and `out` too if this run created it."""
+    if (out / STATE).is_file():
+        note = (f"the progress so far is kept in {out} (.prepare_* files): run the same "
+                "command again to resume, or delete the directory to start over")
+        if isinstance(error, ScratchError) and error.args:
+            error.args = (f"{error.args[0]}; {note}", *error.args[1:])
+        else:
+            print(f"[data] {note}", file=sys.stderr)
+        return
+    _clear_leftovers(out)
+    for split in ("train", "val"):  # shards of this run (one may finish before any state)
+        for shard in out.glob(f"{split}_*.bin"):
+            shard.unlink(missing_ok=True)
+    if created:
+        try:
+            out.rmdir()  # only if empty: never a file this run did not write
+        except OSError:
+            pass
+
+
+def _prepare_local(out: Path, key: str, state: dict | None, tok: BPETokenizer,
+                   tokenizer_dir: Path, cfg: DataConfig, named: list[str],
+                   documents: Iterable[str] | None, builtin_only: bool, progress: bool) -> dict:
+    """The local engine's run, from the saved `state` if there is one."""
     counts = Counts(**state["counts"]) if state else Counts()
     logged = state["logged"] if state else {"exact": 0, "near": 0}
     exact = ExactIndex(out / EXACT, logged["exact"], out / SPILL / "exact") \

@@ -17,7 +17,8 @@
 
 Ray retries a task whose worker dies (tasks are deterministic, and each part's results are
 whole objects, so a retried part is neither lost nor counted twice); a run whose driver dies
-starts over. Input files and the tokenizer must be readable at the same path on every node.
+starts over, and a run that fails removes the shards it wrote (this engine keeps no resume
+state). Input files and the tokenizer must be readable at the same path on every node.
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ def prepare_ray(named: list[str], tokenizer_dir: Path, out: Path, cfg: DataConfi
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ScratchError(f"cannot reach a Ray cluster at {address!r} ({e}); start one "
                                "with `ray start --head` or leave out --address") from None
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -271,9 +273,33 @@ def prepare_ray(named: list[str], tokenizer_dir: Path, out: Path, cfg: DataConfi
         manifest["seconds"] = time.perf_counter() - t0
         atomic_write_text(out / local.MANIFEST, json.dumps(manifest, indent=2))
         return manifest
+    except BaseException as e:
+        # No resume state on this engine: a failed run removes what it wrote.
+        local.failed(out, created, e)
+        raise _one_line(ray, e) from None
     finally:
         if started:
             ray.shutdown()
+
+
+def _one_line(ray, error: BaseException) -> BaseException:
+    """A task's ScratchError (a damaged input) as itself, and Ray's own failures (a worker
+    that died more than MAX_RETRIES times, a lost node) as one line, not a remote traceback."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        cause = error.cause
+        if isinstance(cause, ScratchError):
+            return ScratchError(_first_line(cause))
+        return ScratchError(f"a Ray task failed ({type(cause).__name__}: {_first_line(cause)}); "
+                            "run again, or with --engine local to see where")
+    if isinstance(error, ray.exceptions.RayError):
+        return ScratchError(f"the Ray cluster failed the run ({_first_line(error)}); check "
+                            "`ray status` and run again")
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _run(ray, parts: list[Part], tok: BPETokenizer, tokenizer_dir: Path,

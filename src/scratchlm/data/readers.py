@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,15 +66,76 @@ def _kind(path: Path) -> tuple[str, str | None]:
     return "text", compression
 
 
+class TruncatedError(EOFError):
+    """A compressed stream ends inside a frame."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstd file's decompressed bytes, frame after frame, that fails at a cut. zstandard's
+    stream_reader returns what it could decompress and then an ordinary end of file when the
+    input stops inside a frame, so a truncated download would pass for a whole (shorter) one."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._file = path.open("rb")
+        self._zstd = zstandard.ZstdDecompressor()
+        self._frame = self._zstd.decompressobj()
+        self._in_frame = False  # bytes of the current frame were fed, its end not yet seen
+        self._out = memoryview(b"")  # decompressed, not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            data = self._file.read(1 << 18)
+            if not data:
+                if self._in_frame:
+                    raise TruncatedError("the zstd stream ends inside a frame")
+                return 0
+            self._out = memoryview(self._feed(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]  # a view: no copy of the rest
+        return n
+
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            out.append(self._frame.decompress(data))
+            self._in_frame = not self._frame.eof
+            data = b""
+            if self._frame.eof:  # the next frame starts in what this one left over
+                data = self._frame.unused_data
+                self._frame = self._zstd.decompressobj()
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _open_text(path: Path, compression: str | None, errors: str) -> io.TextIOBase:
     if compression == "gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors=errors)
     if compression == "zst":
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
+        raw = io.BufferedReader(_ZstdReader(path), 1 << 18)
         return io.TextIOWrapper(raw, encoding="utf-8", errors=errors)
     return path.open("r", encoding="utf-8", errors=errors)
+
+
+def _damaged_errors() -> tuple[type[BaseException], ...]:
+    """What gzip and zstandard raise for a truncated or damaged stream (EOFError: gzip's cut,
+    and ours; BadGzipFile is an OSError)."""
+    errors: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
 
 
 def _read_blocks(path: Path, compression: str, errors: str) -> Iterator[str]:
@@ -157,9 +219,15 @@ def iter_documents(
     """Every document of every input, in a fixed order (sorted within directories)."""
     for path in expand_paths(inputs):
         fmt, compression = _kind(path)
-        if fmt == "jsonl":
-            yield from read_jsonl(path, compression, text_field, errors)
-        elif fmt == "parquet":
-            yield from read_parquet(path, text_field)
-        else:
-            yield from read_text_file(path, compression, separator, errors)
+        try:
+            if fmt == "jsonl":
+                yield from read_jsonl(path, compression, text_field, errors)
+            elif fmt == "parquet":
+                yield from read_parquet(path, text_field)
+            else:
+                yield from read_text_file(path, compression, separator, errors)
+        except _damaged_errors() as e:
+            if compression is None:
+                raise
+            raise ScratchError(f"{path}: the {compression} stream is truncated or damaged "
+                               f"({e}); download or compress it again") from None

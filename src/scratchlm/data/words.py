@@ -356,6 +356,10 @@ class WordSplitter:
         self._flat += ids
         # The chunk's sentencizer classes summarised: (first, last) other than SILENT (SILENT
         # if none) and how many sentences start inside it.
+        if len(ids) == 1:  # most chunks are one word: no sentence can start inside
+            cls = self._classes[ids[0]]
+            self.summaries[chunk] = (cls, cls, 0)
+            return
         classes = [self._classes[i] for i in ids if self._classes[i] != SILENT]
         starts = sum(a == ENDS and b == OPENS for a, b in zip(classes, classes[1:]))
         self.summaries[chunk] = (classes[0], classes[-1], starts) if classes else (
