@@ -25,8 +25,30 @@ from scratchlm.model.load import load_pretrained
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_run: Path):
-    model, tok, _ = load_pretrained(tiny_run)
+def model_dir(prepared, tmp_path_factory) -> Path:
+    """A model directory with the tiny-cpu recipe's shape and tokenizer and seeded random
+    weights, not trained: these tests compare our numbers with lm-eval's and with plain
+    forward passes, for which any weights do, and training one costs a minute of a shared
+    CPU. The tied embedding is scaled by 10 so that logits spread about as a trained model's
+    do (std ~1.6 rather than ~0.16): greedy answers then never hang on a near tie that float
+    rounding could break one way in transformers and the other way here."""
+    from scratchlm.config import Config, load_config
+    from scratchlm.model.checkpoint import save_model
+    from scratchlm.tokenizer import BPETokenizer
+    from scratchlm.train.pretrain import build_model
+
+    tok_dir, _ = prepared
+    tok = BPETokenizer.load(tok_dir)
+    cfg = load_config(Config, Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    model, _ = build_model(cfg, tok)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(10.0)
+    return save_model(model, tmp_path_factory.mktemp("model") / "model", tok)
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir: Path):
+    model, tok, _ = load_pretrained(model_dir)
     return model, tok
 
 
@@ -256,7 +278,7 @@ def test_evaluate_tasks_for_a_training_loop(tiny, tmp_path: Path) -> None:
 # the command line
 
 
-def test_evaluate_command(tiny_run: Path, tiny, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_evaluate_command(model_dir: Path, tiny, tmp_path: Path, monkeypatch, capsys) -> None:
     from scratchlm.eval.perplexity import evaluate_text
 
     model, tok = tiny
@@ -264,7 +286,7 @@ def test_evaluate_command(tiny_run: Path, tiny, tmp_path: Path, monkeypatch, cap
     text.write_text("KING:\nWhat say you?\n\nQUEEN:\nNothing, my lord.\n" * 40)
     gen = write_jsonl(tmp_path / "gen.jsonl", GEN)
     out = tmp_path / "results.json"
-    argv = ["evaluate", "--model", str(tiny_run), "--tasks",
+    argv = ["evaluate", "--model", str(model_dir), "--tasks",
             f"builtin:speaker,builtin:cloze,{gen},{text}", "--limit", "3", "--shots", "1",
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
@@ -285,17 +307,17 @@ def test_evaluate_command(tiny_run: Path, tiny, tmp_path: Path, monkeypatch, cap
     assert main(argv + ["--overwrite"]) == 0
 
 
-def test_evaluate_bad_input(tiny_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_evaluate_bad_input(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"context": "a", "choices": ["x", "y", "z"],
                                                 "gold": 3}])
-    assert main(["evaluate", "--model", str(tiny_run), "--tasks", str(bad), "--out",
+    assert main(["evaluate", "--model", str(model_dir), "--tasks", str(bad), "--out",
                  str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.jsonl:1: gold index 3 is out of range" in err
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_run / "final" / name, bare / name)
+        shutil.copy(model_dir / name, bare / name)
     assert main(["evaluate", "--model", str(bare), "--tasks", "builtin:speaker", "--out",
                  str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
@@ -322,12 +344,12 @@ def test_scratchlm_model_class_is_registered_with_lm_eval() -> None:
     assert "hf" in model_registry  # lm-eval's own models are still there
 
 
-def test_scratchlm_model_class_imports_without_lm_eval(tiny_run: Path) -> None:
+def test_scratchlm_model_class_imports_without_lm_eval(model_dir: Path) -> None:
     code = (
         "import sys; sys.modules['lm_eval'] = None\n"
         "from scratchlm.eval.harness import ScratchLM, register\n"
         "assert ScratchLM.__mro__[1] is object and not register()\n"
-        f"lm = ScratchLM(path={str(tiny_run)!r}, device='cpu')\n"
+        f"lm = ScratchLM(path={str(model_dir)!r}, device='cpu')\n"
         "(ll, greedy), = lm.loglikelihood([('ROMEO:\\n', 'But soft')])\n"
         "assert ll < 0 and greedy in (True, False)\n"
         "print(lm.generate_until([('HAMLET:\\n', {'until': ['\\n'], 'max_gen_toks': 5})]))\n")
@@ -353,14 +375,14 @@ metric_list:
 
 @pytest.mark.slow
 def test_lm_eval_hf_and_scratchlm_agree_with_scratchlm_evaluate(
-        tiny_run: Path, tiny, tmp_path: Path) -> None:
+        model_dir: Path, tiny, tmp_path: Path, monkeypatch) -> None:
     """One local task set (no hub): the built-in next-line task, a multiple-choice and a
     generation file of our format exported as lm-eval tasks, and a rolling-log-likelihood
     task; two shots. (a) `lm_eval --model hf` on our Hugging Face export (Python API),
-    (b) `python -m scratchlm.eval --model scratchlm` (the command line), and ours give the
+    (b) `python -m scratchlm.eval run --model scratchlm` (the command line), and ours give the
     same acc and acc_norm, the same log-likelihoods and few-shot prompts, the same greedy
     answers and the same bits per byte."""
-    import os
+    from functools import partialmethod
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -382,20 +404,29 @@ def test_lm_eval_hf_and_scratchlm_agree_with_scratchlm_evaluate(
     (tasks_dir / "scratchlm_rolling.yaml").write_text(ROLLING.format(data=tmp_path / "roll.jsonl"))
     names.append("scratchlm_rolling")
     limit, shots = 6, 2
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
+    # lm-eval indexes its own ~27,000 task files before it looks at ours, most of this test's
+    # time on a shared CPU; these tasks need none of them.
+    monkeypatch.setattr(TaskManager, "__init__",
+                        partialmethod(TaskManager.__init__, include_defaults=False))
     a = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=names,
         num_fewshot=shots, limit=limit, device="cpu", batch_size=4, log_samples=True,
         task_manager=TaskManager(include_path=str(tasks_dir)))
+    # (b) through lm-eval's own command line, in this process: `python -m scratchlm.eval` is
+    # that command line with our model registered, and a second interpreter would spend half
+    # of this test importing torch and lm-eval again.
+    from scratchlm.eval.__main__ import main as lm_eval_main
+
     out = tmp_path / "lm-eval-out"
-    done = subprocess.run(
-        [sys.executable, "-m", "scratchlm.eval", "run", "--model", "scratchlm",
-         "--model_args", f"path={tiny_run}", "--tasks", *names, "--include_path",
-         str(tasks_dir), "--num_fewshot", str(shots), "--limit", str(limit), "--device", "cpu",
-         "--batch_size", "4", "--log_samples", "--output_path", str(out)],
-        capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [
+        "python -m scratchlm.eval", "run", "--model", "scratchlm", "--model_args",
+        f"path={model_dir}", "--tasks", *names, "--include_path", str(tasks_dir),
+        "--num_fewshot", str(shots), "--limit", str(limit), "--device", "cpu",
+        "--batch_size", "4", "--log_samples", "--output_path", str(out)])
+    lm_eval_main()
     (results_file,) = out.rglob("results_*.json")
     b_results = json.loads(results_file.read_text())["results"]
     b_samples = {n: [json.loads(line) for line in next(out.rglob(f"samples_{n}_*.jsonl"))
@@ -430,3 +461,33 @@ def test_lm_eval_hf_and_scratchlm_agree_with_scratchlm_evaluate(
     assert a["results"]["scratchlm_rolling"]["bits_per_byte,none"] == pytest.approx(bpb,
                                                                                     rel=1e-5)
     assert b_results["scratchlm_rolling"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-6)
+
+
+@pytest.mark.parametrize("data, warned", [
+    ({"inputs": ["builtin"], "val_fraction": 0.05}, None),
+    ({"inputs": ["builtin"], "val_fraction": 0.01}, "held out data.val_fraction 0.01"),
+    ({"inputs": ["builtin"], "val_inputs": ["x.txt"]}, "trained on every built-in scene"),
+    ({"inputs": ["my.txt"], "val_fraction": 0.0}, None),
+])
+def test_builtin_tasks_warn_when_the_model_trained_on_them(data, warned, tmp_path) -> None:
+    import yaml
+
+    from scratchlm.eval.builtin import held_out_warning
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"data": data}))
+    got = held_out_warning(tmp_path)
+    assert got is None if warned is None else warned in got
+
+
+def test_evaluate_demo_model(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from scratchlm.eval.builtin import BUILTIN_TASKS
+    from scratchlm.eval.evaluate import evaluate_demo_model
+
+    # Not the held-out perplexity (every held-out token: most of a minute on a shared CPU;
+    # test_evaluate_command checks a perplexity task).
+    monkeypatch.delitem(BUILTIN_TASKS, "heldout")
+    table = evaluate_demo_model(model_dir, tmp_path / "eval.json", limit=2, progress=False)
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert table == tmp_path / "eval.md"
+    assert set(results["tasks"]) == {f"builtin:{n}" for n in ("speaker", "next_line", "cloze")}
+    assert "| builtin:next_line | multiple_choice | 2 | acc |" in table.read_text()

@@ -67,7 +67,7 @@ def test_batched_lbfgs_ends_where_scipys_least_squares_does() -> None:
     truth = np.array([math.log(TRUE.A), math.log(TRUE.B), math.log(TRUE.E), TRUE.alpha,
                       TRUE.beta])
     starts = truth + np.random.default_rng(0).normal(0, [1.0, 1.0, 0.3, 0.05, 0.05], (5, 5))
-    ends, values = lbfgs_batch(lambda th: _objective(th, *args), starts, iters=3000,
+    ends, values = lbfgs_batch(lambda th, _: _objective(th, *args), starts, iters=3000,
                                tol=1e-14)
 
     def residuals(theta):
@@ -147,22 +147,25 @@ def test_sweep_budget_too_small_is_refused_before_writing(prepared, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_sweep_trains_skips_finished_runs_and_is_fitted(prepared, tmp_path: Path,
-                                                       capsys) -> None:
+def test_sweep_trains_records_both_flop_counts_and_skips_finished_runs(
+        prepared, tmp_path: Path, capsys) -> None:
+    """One budget of three sizes (an IsoFLOP parabola's fewest), a few steps each; the fits,
+    plots and plans of a sweep are tested on a synthetic one below, and on a real one of 16
+    runs in bench/bench_scaling.py."""
     from scratchlm.memory import flops_per_token
-    from scratchlm.model.config import ModelConfig
+    from scratchlm.model.checkpoint import load_config
 
     out = tmp_path / "sweep"
-    args = tiny_sweep_args(prepared, out, "3e9,6e9,1.2e10")
+    args = tiny_sweep_args(prepared, out, "6e9")
     assert main(args) == 0
     records = json.loads((out / "sweep.json").read_text())["runs"]
-    assert len(records) == 9 and {r["size"] for r in records} == {"1x16", "1x32", "2x32"}
+    assert len(records) == 3 and {r["size"] for r in records} == {"1x16", "1x32", "2x32"}
     for r in records:
         summary = json.loads((Path(r["run"]) / "summary.json").read_text())
         assert (Path(r["run"]) / "final" / "model.safetensors").is_file()
         assert summary["parameters"] == r["params"] and summary["tokens"] == r["tokens"]
         assert r["flops_6nd"] == 6 * r["params"] * r["tokens"]
-        cfg = ModelConfig(**json.loads((Path(r["run"]) / "final" / "config.json").read_text()))
+        cfg = load_config(Path(r["run"]) / "final")
         assert r["flops_model"] == pytest.approx(flops_per_token(cfg, 128) * r["tokens"])
         # the budget becomes tokens through the model's own count, to within one step
         assert abs(r["flops_model"] - r["budget"]) <= flops_per_token(cfg, 128) * 2048 / 2
@@ -170,20 +173,49 @@ def test_sweep_trains_skips_finished_runs_and_is_fitted(prepared, tmp_path: Path
     stamps = {r["run"]: (Path(r["run"]) / "summary.json").stat().st_mtime_ns for r in records}
     capsys.readouterr()
     assert main(args) == 0  # again: every run is finished, nothing trains
-    assert capsys.readouterr().out.count("finished, skipped") == 9
+    assert capsys.readouterr().out.count("finished, skipped") == 3
     assert stamps == {r: (Path(r) / "summary.json").stat().st_mtime_ns for r in stamps}
-    assert main(["scaling", "fit", "--sweep", str(out), "--bootstrap", "4"]) == 0
-    report = capsys.readouterr().out
-    assert "| Hoffmann et al. 2022 |" in report and "Best loss at 1.2e+10 FLOPs" in report
-    fit = json.loads((out / "fit" / "fit.json").read_text())
-    assert fit["held_out"]["fit_budgets"] == [3e9, 6e9]
-    for name in ("loss_vs_compute.png", "isoflop.png", "frontier.png", "report.md"):
-        assert (out / "fit" / name).stat().st_size > 0
-    assert main(["scaling", "plan", "--budget", "1e13", "--sweep", str(out)]) == 0
-    assert "parametric law (fitted, C = 6ND): N = " in capsys.readouterr().out
-    other = tiny_sweep_args(prepared, out, "3e9,6e9,2.4e10")
+    assert main(["scaling", "fit", "--sweep", str(out)]) == 2
+    assert "the sweep has 3 finished runs; the fits need at least 5" in \
+        capsys.readouterr().err
+    other = tiny_sweep_args(prepared, out, "6e9,1.2e10")
     assert main(other) == 2
     assert "holds a sweep with other settings" in capsys.readouterr().err
+
+
+def test_fit_of_a_sweep_predicts_its_held_out_budget(tmp_path: Path, capsys) -> None:
+    """`scaling fit` on a sweep whose losses come from known constants (with 0.2% noise):
+    the law fitted without the largest budget predicts that budget's best loss, the report
+    shows the constants beside the published ones, the IsoFLOP exponents are the law's, the
+    plots are drawn and `plan` reads the fit."""
+    budgets = [1e16, 1e17, 1e18, 1e19]
+    n, d = isoflop_grid(TRUE, budgets, spread=6.0, per_budget=5)
+    loss = TRUE.loss(n, d) * np.exp(np.random.default_rng(3).normal(0, 0.002, len(n)))
+    records = [{"name": f"C{c:.0e}-{i}", "budget": c, "size": f"{i}x{i}", "params": float(p),
+                "tokens": float(t), "loss": float(x), "flops_6nd": 6 * p * t,
+                "flops_model": 6 * p * t}
+               for i, (c, p, t, x) in enumerate(zip(np.repeat(budgets, 5), n, d, loss))]
+    (tmp_path / "sweep.json").write_text(json.dumps({"flops": "6nd", "runs": records}))
+    assert main(["scaling", "fit", "--sweep", str(tmp_path), "--bootstrap", "20"]) == 0
+    report = capsys.readouterr().out
+    for name in ("loss_vs_compute.png", "isoflop.png", "frontier.png", "report.md"):
+        assert (tmp_path / "fit" / name).stat().st_size > 0
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    held = fit["held_out"]
+    assert held["fit_budgets"] == budgets[:3] and held["budget"] == budgets[3]
+    assert abs(held["relative_error"]) < 0.01
+    assert f"error {100 * held['relative_error']:+.2f}%" in report
+    assert "| alpha |" in report and "| 0.34 | 0.3478 |" in report
+    assert fit["law"]["alpha"] == pytest.approx(TRUE.alpha, abs=0.05)
+    assert fit["exponents"]["a"] == pytest.approx(TRUE.a, abs=0.05)
+    low, high = fit["intervals"]["alpha"]
+    assert low <= fit["law"]["alpha"] <= high
+    assert main(["scaling", "plan", "--budget", "1e20", "--sweep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    n_opt, d_opt = ChinchillaLaw(**{k: fit["law"][k] for k in ("E", "A", "B", "alpha",
+                                                                "beta")}).optimal(1e20)
+    assert f"parametric law (fitted, C = 6ND): N = {n_opt:.4g} parameters" in out
+    assert "IsoFLOP power laws (C counted as 6nd)" in out
 
 
 def test_plan_command(capsys) -> None:

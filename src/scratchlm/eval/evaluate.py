@@ -278,3 +278,24 @@ def write_results(results: dict, path: str | Path) -> tuple[Path, Path]:
     atomic_write_text(path, json.dumps(results, indent=2))
     atomic_write_text(table, results_table(results) + "\n")
     return path, table
+
+
+def evaluate_demo_model(model_dir: str | Path, out: str | Path, limit: int | None = 100,
+                        progress: bool = True) -> Path:
+    """The demo's evaluation step: the built-in tasks (each at most `limit` examples; the
+    held-out perplexity on every held-out token) for the model in `model_dir` (a run or model
+    directory), written to `out` (results.json, results.md beside it). Returns the .md path.
+    Zero-shot, so any model can be scored; chance is in the table."""
+    import sys
+
+    from scratchlm.eval.builtin import held_out_warning
+    from scratchlm.model.load import load_pretrained
+
+    model, tok, directory = load_pretrained(model_dir)
+    results = evaluate_tasks(model, tok, "builtin", limit=limit, model_path=str(model_dir),
+                             progress=(lambda line: print(line, file=sys.stderr))
+                             if progress else None)
+    warning = held_out_warning(directory)
+    if warning:
+        results["warnings"] = [warning]
+    return write_results(results, out)[1]

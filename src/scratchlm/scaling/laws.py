@@ -78,9 +78,12 @@ PUBLISHED = {"hoffmann": HOFFMANN, "epoch": EPOCH}
 
 
 def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-               delta: float) -> tuple[np.ndarray, np.ndarray]:
+               delta: float, counts: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Summed Huber loss of the log-loss residuals, and its gradient in (a, b, e, alpha, beta),
-    for a batch of parameter vectors theta (G, 5) at once: (G,), (G, 5)."""
+    for a batch of parameter vectors theta (G, 5) at once: (G,), (G, 5). `counts` (G, k)
+    weighs each run per row (a bootstrap resample is a row of counts); None counts each
+    once."""
     a, b, e, alpha, beta = (theta[:, i:i + 1] for i in range(5))  # each (G, 1)
     terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e))  # (3, G, k)
     top = terms.max(0)
@@ -88,8 +91,11 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: n
     weights = np.exp(terms - lse)  # (3, G, k): d lse / d term
     r = lse - log_l
     small = np.abs(r) <= delta
-    loss = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).sum(1)
+    loss = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))  # (G, k)
     dr = np.where(small, r, delta * np.sign(r))  # (G, k)
+    if counts is not None:
+        loss, dr = loss * counts, dr * counts
+    loss = loss.sum(1)
     grad = np.stack([(dr * weights[0]).sum(1), (dr * weights[1]).sum(1),
                      (dr * weights[2]).sum(1), -(dr * weights[0] * log_n).sum(1),
                      -(dr * weights[1] * log_d).sum(1)], axis=1)
@@ -98,13 +104,15 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: n
 
 def lbfgs_batch(fun, x0: np.ndarray, iters: int = 500, memory: int = 10,
                 tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise fun (a batch of independent problems, (G, p) -> ((G,), (G, p))) by L-BFGS
-    from each row of x0 at once: the two-loop recursion per row, a backtracking (Armijo) line
-    search per row, a row frozen once its step lowers its loss by less than `tol` (relative).
-    One batched call replaces thousands of scipy calls, whose per-call overhead would make
-    Hoffmann et al.'s 4,500-point grid take a quarter of an hour."""
+    """Minimise a batch of independent problems by L-BFGS from each row of x0 at once.
+    fun(x, rows) gets the points x (len(rows), p) of the batch's rows `rows` (so per-row data
+    can be picked) and returns their values and gradients, (len(rows),) and (len(rows), p).
+    The two-loop recursion per row, a backtracking (Armijo) line search per row, a row frozen
+    once its step lowers its loss by less than `tol` (relative). One batched call replaces
+    thousands of scipy calls, whose per-call overhead would make Hoffmann et al.'s
+    4,500-point grid take a quarter of an hour."""
     x = np.array(x0, dtype=np.float64)
-    f, g = fun(x)
+    f, g = fun(x, np.arange(len(x)))
     # (s, y, rho) of the last `memory` steps, per row; a row without a step there has zeros.
     history: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     active = np.flatnonzero(np.isfinite(f))
@@ -137,7 +145,7 @@ def lbfgs_batch(fun, x0: np.ndarray, iters: int = 500, memory: int = 10,
         pending = np.arange(len(active))
         for _ in range(40):
             rows = active[pending]
-            f_try, g_try = fun(x[rows] + t[pending, None] * p[pending])
+            f_try, g_try = fun(x[rows] + t[pending, None] * p[pending], rows)
             ok = np.isfinite(f_try) & (f_try <= f[rows] + 1e-4 * t[pending] * slope[pending])
             step[rows[ok]] = t[pending[ok], None] * p[pending[ok]]
             f_new[rows[ok]], g_new[rows[ok]] = f_try[ok], g_try[ok]
@@ -190,7 +198,7 @@ def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float]
     best = starts[0]
     if len(starts) > 1:
         # A loose stop for the grid (the best end point is polished below) keeps it short.
-        ends, values = lbfgs_batch(lambda th: _objective(th, *args), starts, iters=150,
+        ends, values = lbfgs_batch(lambda th, _: _objective(th, *args), starts, iters=150,
                                    tol=1e-6)
         if not np.isfinite(values).any():
             raise ScratchError("the parametric fit did not converge from any initialisation")
@@ -209,21 +217,26 @@ def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float]
 
 
 def bootstrap_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float],
-                         law: ChinchillaLaw, rounds: int = 100, seed: int = 0
-                         ) -> dict[str, tuple[float, float]]:
+                         law: ChinchillaLaw, rounds: int = 100, seed: int = 0,
+                         delta: float = HUBER_DELTA) -> dict[str, tuple[float, float]]:
     """Percentile (5%, 95%) intervals of each constant over `rounds` refits on runs resampled
-    with replacement, each started from `law` (the full grid per round would take minutes)."""
+    with replacement, each started from `law`. A resample is a vector of counts (how often
+    each run was drawn) weighting its Huber terms, so every round is one row of a single
+    batched L-BFGS: one SciPy fit per round took seconds each."""
     rng = np.random.default_rng(seed)
     n_, d_, l_ = (np.asarray(x, dtype=np.float64) for x in (n, d, loss))
-    start = np.array([[math.log(law.A), math.log(law.B), math.log(law.E), law.alpha,
-                       law.beta]])
-    draws = []
-    for _ in range(rounds):
-        pick = rng.integers(0, len(n_), len(n_))
-        if len(set(pick.tolist())) < 5:
-            continue
-        fitted, _ = fit_chinchilla(n_[pick], d_[pick], l_[pick], inits=start)
-        draws.append(fitted.as_dict())
+    counts = np.stack([np.bincount(rng.integers(0, len(n_), len(n_)), minlength=len(n_))
+                       for _ in range(rounds)]).astype(np.float64)  # (rounds, k)
+    counts = counts[(counts > 0).sum(1) >= 5]  # a round needs 5 distinct runs for 5 constants
+    if not len(counts):
+        return {}
+    args = (np.log(n_), np.log(d_), np.log(l_), delta)
+    start = np.array([math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta])
+    ends, values = lbfgs_batch(lambda th, rows: _objective(th, *args, counts=counts[rows]),
+                               np.tile(start, (len(counts), 1)), iters=1000, tol=1e-12)
+    draws = [ChinchillaLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha),
+                           beta=float(beta)).as_dict()
+             for (a, b, e, alpha, beta), v in zip(ends, values) if np.isfinite(v)]
     return {k: (float(np.percentile([x[k] for x in draws], 5)),
                 float(np.percentile([x[k] for x in draws], 95))) for k in draws[0]} \
         if draws else {}

@@ -27,6 +27,7 @@ from scratchlm.scaling.laws import (
 )
 
 FIT = "fit.json"
+MIN_VERTICES = 3  # IsoFLOP vertices the exponents of N_opt and D_opt are fitted through
 
 
 def _by_budget(records: list[dict]) -> dict[float, list[dict]]:
@@ -78,7 +79,9 @@ def fit_sweep(records: list[dict], flops: str = "model", bootstrap: int = 100) -
             if p else {"n_opt": None})})
     vertices = [p for p in profiles if p["n_opt"] is not None]
     exponents = None
-    if len(vertices) >= 2:
+    # Two vertices fit any power law exactly (and two noisy ones give any exponent): the
+    # exponents are a measurement from three on.
+    if len(vertices) >= MIN_VERTICES:
         n_law = fit_power_law([p["budget"] for p in vertices], [p["n_opt"] for p in vertices])
         d_law = fit_power_law([p["budget"] for p in vertices], [p["d_opt"] for p in vertices])
         exponents = {"a": n_law.exponent, "b": d_law.exponent, "k_n": n_law.k,
@@ -167,12 +170,19 @@ def report_markdown(records: list[dict], fit: dict) -> str:
             lines.append(f"| {p['budget']:.3g} | {p['runs']} | {p['n_opt']:.4g} "
                          f"| {p['d_opt']:.4g} | {p['d_opt'] / p['n_opt']:.1f} "
                          f"| {p['loss_opt']:.4f} |")
+    published = ("Hoffmann et al. found a = 0.50, b = 0.50 (approach 2) and 0.46, 0.54 "
+                 "(approach 3), Besiroglu et al. 0.51, 0.49.")
     if fit.get("exponents"):
         e = fit["exponents"]
         lines += ["", f"N_opt ∝ C^{e['a']:.3f}, D_opt ∝ C^{e['b']:.3f} (IsoFLOP vertices); "
                       f"the parametric law gives a = {law['a']:.3f}, b = {law['b']:.3f}; "
-                      "Hoffmann et al. found a = 0.50, b = 0.50 (approach 2) and 0.46, 0.54 "
-                      "(approach 3), Besiroglu et al. 0.51, 0.49."]
+                      + published]
+    else:
+        found = sum(p["n_opt"] is not None for p in fit["isoflop"])
+        lines += ["", f"IsoFLOP exponents: not measured, {found} budget(s) with a vertex among "
+                      f"the sizes tried and a power law needs {MIN_VERTICES}; the parametric "
+                      f"law gives N_opt ∝ C^{law['a']:.3f}, D_opt ∝ C^{law['b']:.3f}; "
+                      + published]
     if "held_out" in fit:
         h = fit["held_out"]
         lines += ["", "## Held-out prediction", "",
@@ -193,6 +203,7 @@ def plot_sweep(records: list[dict], fit: dict, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     from scratchlm.utils import atomic_path
@@ -232,7 +243,8 @@ def plot_sweep(records: list[dict], fit: dict, out: Path) -> list[Path]:
             ax.plot([p["n_opt"]], [p["loss_opt"]], "*", ms=12, color=line.get_color())
     ax.set(xscale="log", xlabel="parameters N", ylabel="validation loss (nats/token)",
            title="IsoFLOP profiles (stars: vertices)")
-    ax.legend(title="budget (FLOPs)", fontsize=7)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # crowded on a short axis
+    ax.legend(title="budget (FLOPs)", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     save(fig, "isoflop.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
