@@ -101,7 +101,8 @@ def test_demo_builds_then_reuses(tmp_path: Path, monkeypatch, capsys) -> None:
     assert code == 0 and "training a 2,048-token" in out and "preparing shards" in out
     report = (tmp_path / "report.md").read_text()
     for part in ["## Tokenizer", "## Data", "## Pretraining", "bits per byte", "loss.png",
-                 "## Samples", "ROMEO:", "## Fine-tuning", "majority class", "exact match"]:
+                 "## Samples", "ROMEO:", "## Evaluation", "builtin:speaker", "## Fine-tuning",
+                 "majority class", "exact match"]:
         assert part in report
     assert (tmp_path / "loss.png").is_file()
     for stage in ("genre", "sft"):

@@ -1,8 +1,9 @@
 """`scratchlm demo`: every stage that has landed, on the built-in Shakespeare corpus.
 
-tokenizer -> data shards -> pretraining -> evaluation -> samples -> classification and
-instruction fine-tuning (in RUN/genre and RUN/sft) -> report.md, in one run directory. What is
-already built there with the same config is reused, so a second run only redoes what changed.
+tokenizer -> data shards -> pretraining -> samples -> evaluation on the built-in tasks ->
+classification and instruction fine-tuning (in RUN/genre and RUN/sft) -> report.md, in one
+run directory. What is already built there with the same config is reused, so a second run
+only redoes what changed.
 The fine-tuning stages follow their recipes (configs/demo-genre.yaml, demo-sft.yaml); the
 command line's --train.* overrides apply to every stage, so `--train.max_steps=4` makes the
 whole demo a smoke test.
@@ -67,6 +68,21 @@ def trained_model(cfg: Config, out: Path, prepared: tuple[Path, Path], progress:
         return finished, True
     resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     return run_pretraining(cfg, out, resume, progress, prepared), False
+
+
+def evaluation_report(out: Path, reused: bool, progress: bool) -> list[str]:
+    """The built-in tasks (held-out scenes; 100 examples each) against chance; the table of
+    an earlier run is kept when the model is the same."""
+    from scratchlm.eval.evaluate import evaluate_demo_model
+
+    table = out / "eval.md"
+    if not (reused and table.is_file()):
+        print(f"[demo] evaluating on the built-in tasks -> {out / 'eval.json'}")
+        table = evaluate_demo_model(out / "final", out / "eval.json", limit=100,
+                                    progress=progress)
+    return ["## Evaluation", "",
+            "The built-in tasks, drawn from the scenes pretraining held out (zero-shot; "
+            "`scratchlm evaluate --tasks builtin`):", "", table.read_text(encoding="utf-8"), ""]
 
 
 def finetune_stages(out: Path, train_overrides: list[str], progress: bool) -> dict[str, dict]:
@@ -164,6 +180,7 @@ def run_demo(cfg: Config, out: Path, progress: bool = True,
     lines += ["", "![loss curve](loss.png)", "", "## Samples", ""]
     for prompt, text in zip(PROMPTS, samples):
         lines += ["```", prompt + text, "```", ""]
+    lines += evaluation_report(out, reused, progress)
     lines += finetune_report(finetune_stages(out, list(train_overrides), progress), out)
     report = atomic_write_text(out / "report.md", "\n".join(lines))
     print(f"[demo] validation bits/byte {val['bpb']:.3f}; sample:\n{PROMPTS[0]}{samples[0]}")
