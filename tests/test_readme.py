@@ -2,10 +2,10 @@
 directory, so a later block can use what an earlier one made (tok/, runs/tiny, ...).
 
 Budgets are the one substitution: `scratchlm`, `torchrun` and `make` are shell functions here
-that append BUDGET to the verbs that train, so `pretrain --config tiny-cpu` stops after a few
-steps instead of 60 (and `make demo` is `scratchlm demo` with that budget; `make test` is not
-run again). A block that cannot run on a test machine (a cluster, many machines) is preceded
-in the README by `<!-- not run: REASON -->`."""
+that append BUDGET to the verbs that train (and fewer test answers to `finetune sft`), so
+`pretrain --config tiny-cpu` stops after a few steps instead of 60 (`make demo` is `scratchlm
+demo` with that budget; `make test` is not run again). A block that cannot run on a test
+machine (a cluster, many machines) is preceded in the README by `<!-- not run: REASON -->`."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ BUDGET = ("--train.max_steps=4 --train.epochs=0 --train.eval_every=2 --train.che
 PRELUDE = f"""set -euo pipefail
 BUDGET=({BUDGET})
 scratchlm() {{
-  case "$1" in
-    pretrain|finetune|align|demo) command scratchlm "$@" "${{BUDGET[@]}}" ;;
+  case "$1 ${{2:-}}" in
+    "finetune sft") command scratchlm "$@" "${{BUDGET[@]}}" --sft.eval_examples=4 ;;
+    pretrain*|finetune*|align*|demo*) command scratchlm "$@" "${{BUDGET[@]}}" ;;
     *) command scratchlm "$@" ;;
   esac
 }}
