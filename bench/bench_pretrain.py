@@ -1,43 +1,384 @@
 """Pretraining benchmark, on this machine's CPU.
 
-  python bench/bench_pretrain.py [--skip-budget]      (or `make bench`)
+  python bench/bench_pretrain.py [--sections budget,gpt2,side,ablation] [--threads N]
+        side: [--shapes cpu,baby] [--compile] [--steps 20] [--repeats 3] [--baby-batch 64]
+        ablation: [--ablation-budget 60 | --ablation-steps N] [--vocab 1024] [--set=--K=V]
+  (or `make bench`)
 
-1. Quality per compute: configs/shakespeare-10min.yaml trained for a 10-minute budget on the
-   first 90% of Tiny Shakespeare (tokenizer included), validation bits per byte on the last 10%.
-2. Throughput and MFU of gpt2-124m shapes (GPT-2's own tokenizer, the built-in corpus), fp32,
-   against a measured fp32 matmul peak.
-Prints Markdown (pasted into the README); writes bench/out/pretrain.json.
+1. budget: quality per compute: configs/shakespeare-10min.yaml trained for its 10-minute budget
+   on the first 90% of Tiny Shakespeare (tokenizer included), validation bits per byte on the
+   last 10% (nanoGPT's split).
+2. gpt2: throughput and MFU of gpt2-124m shapes (GPT-2's own tokenizer, the built-in corpus),
+   fp32, against the measured fp32 matmul peak.
+3. side: tokens/s side by side with nanoGPT's model and training step (written down below as
+   a small reference, `NanoGPT`), on the same character-level batches of Tiny Shakespeare,
+   fp32, at nanoGPT's CPU recipe shape (4 layers, 128 wide, block 64, batch 12) and its
+   baby-GPT shape (6 layers, 384 wide, 6 heads, block 256, batch 64): each timed run is
+   `--steps` steps after warm-up, runs alternate between the two, median of `--repeats`.
+   scratchlm's row is its real training step (Trainer.train_step: clipping, schedule, AdamW
+   foreach, its host syncs); data loading is left out of both. `--compile` adds the
+   torch.compile rows of both.
+4. ablation: the 10-minute recipe at a short budget (`--ablation-budget` seconds, or a fixed
+   `--ablation-steps`, which a busy machine cannot skew) with each lever of issue 17
+   switched on alone, and all together; best validation bits per byte, all rows in one run
+   of the bench on one tokenizer and one set of shards, so that they are comparable.
+Prints Markdown; writes bench/out/pretrain.json. Figures on a shared machine are only as good
+as its load: the load average is printed beside them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import math
+import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import results as results_file
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from scratchlm.config import Config, load_config
-from scratchlm.train.pretrain import run_pretraining
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.gpt import GPT
+from scratchlm.model.logprobs import cross_entropy_sum
+from scratchlm.train.objective import Objective
+from scratchlm.train.pretrain import ensure_data, ensure_tokenizer, run_pretraining
+from scratchlm.train.trainer import Trainer
 from scratchlm.utils import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "shakespeare-10min.yaml"
 
 
-def budget_run(tmp: Path) -> dict:
+# ------------------------------------------------------------------------------------------------
+# nanoGPT's model and step, written down from its architecture (Karpathy, nanoGPT model.py):
+# fused c_attn q/k/v, flash SDPA, exact GELU MLP, LayerNorm with optional bias, learned
+# positions, head tied to the token embedding; AdamW with decay on >= 2-D weights, fused only
+# on CUDA (so the per-tensor loop on a CPU), clip 1.0.
+
+
+class NanoLayerNorm(nn.Module):
+    def __init__(self, ndim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.n_head, self.dropout = n_head, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training
+                                           else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.ln_1 = NanoLayerNorm(n_embd, bias)
+        self.attn = NanoAttention(n_embd, n_head, dropout, bias)
+        self.ln_2 = NanoLayerNorm(n_embd, bias)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.drop(self.c_proj(F.gelu(self.c_fc(self.ln_2(x)))))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.wpe = nn.Embedding(cfg.block_size, C)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(NanoBlock(C, cfg.n_head, cfg.dropout, cfg.bias)
+                               for _ in range(cfg.n_layer))
+        self.ln_f = NanoLayerNorm(C, cfg.bias)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1)
+
+    def configure_optimizers(self, lr: float, betas: tuple[float, float], weight_decay: float
+                             ) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def nanogpt_step(model: NanoGPT, optimizer: torch.optim.Optimizer, batch: dict,
+                 step_fn=None) -> None:
+    """nanoGPT's train.py step with one micro-step: forward, backward, clip, step, zero."""
+    loss = (model if step_fn is None else step_fn)(batch["idx"], batch["targets"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the same batches for both
+
+
+class FixedBatches:
+    """Cycles through a list of {"idx", "targets"} micro-batches (the Batches protocol)."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches, self.i = batches, 0
+
+    def next_batch(self) -> dict:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+class FixedObjective(Objective):
+    """Next-token loss on FixedBatches; no validation, no samples."""
+
+    name = "pretraining"
+    token_level = True
+
+    def __init__(self, batches: list[dict]) -> None:
+        super().__init__()
+        self.fixed = batches
+
+    def batches(self, micro_batch: int, seed: int, rank: int, world_size: int) -> FixedBatches:
+        return FixedBatches(self.fixed)
+
+    def token_loss(self, logits, targets):
+        return cross_entropy_sum(logits, targets)
+
+
+def char_batches(n: int, batch: int, block: int, seed: int = 0) -> tuple[list[dict], int]:
+    """`n` micro-batches of Tiny Shakespeare as characters (nanoGPT's shakespeare_char
+    encoding: one id per distinct character), and the vocabulary size."""
+    text = (data_dir() / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text[:200_000]], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = torch.randint(len(ids) - block - 1, (batch,), generator=g)
+        rows = torch.stack([ids[s:s + block + 1] for s in start.tolist()])
+        out.append({"idx": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous()})
+    return out, len(chars)
+
+
+SHAPES = {  # nanoGPT's recipes: (n_layer, n_head, n_embd, block_size, batch, dropout, lr)
+    "cpu": ("cpu recipe (4 x 128, block 64, batch 12)", (4, 4, 128, 64, 12, 0.0, 1e-3)),
+    "baby": ("baby GPT (6 x 384, block 256, batch {b})", (6, 6, 384, 256, 64, 0.2, 1e-3)),
+}
+
+
+def timed(step, batches: list[dict], warmup: int, steps: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of `steps` calls of step(batch) after
+    `warmup` untimed ones. On a busy machine CPU time is the steadier figure: it leaves out
+    the time other processes hold the cores (with one thread; with more, OpenMP threads
+    spinning at a barrier count too)."""
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    t, c = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        step(batches[(warmup + i) % len(batches)])
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def scratchlm_trainer(cfg_model: ModelConfig, batch: int, lr: float, batches: list[dict],
+                      compile: bool, out: Path) -> Trainer:
+    """scratchlm's loop on the fixed batches: nanoGPT's shape and optimizer settings (AdamW,
+    betas 0.9/0.99, decay 0.1, clip 1.0), fp32 on the CPU."""
+    cfg = load_config(Config, None, [
+        f"--train.micro_batch={batch}", f"--train.lr={lr}", "--train.beta2=0.99",
+        "--train.warmup_steps=0", "--train.eval_every=0", "--train.sample_tokens=0",
+        "--train.checkpoint_every=0", "--train.precision=fp32", "--train.device=cpu",
+        f"--train.compile={str(compile).lower()}", "--train.max_steps=100000"])
+    cfg.model = cfg_model
+    torch.manual_seed(0)
+    return Trainer(cfg.train, cfg.parallel, GPT(cfg_model), FixedObjective(batches), out, cfg,
+                   progress=False)
+
+
+def time_nanogpt(model_cfg: ModelConfig, lr: float, batches: list[dict], compiled: bool,
+                 args) -> tuple[float, float]:
+    """nanoGPT's tokens per second and per CPU second on `batches`."""
+    torch.manual_seed(0)
+    nano = NanoGPT(model_cfg)
+    opt = nano.configure_optimizers(lr, (0.9, 0.99), 0.1)
+    fwd = torch.compile(nano) if compiled else nano
+    wall, cpu = timed(lambda b: nanogpt_step(nano, opt, b, fwd), batches, args.warmup,
+                      args.steps)
+    tokens = args.steps * batches[0]["idx"].numel()
+    return tokens / wall, tokens / cpu
+
+
+def time_scratchlm(model_cfg: ModelConfig, lr: float, batches: list[dict], compiled: bool,
+                   args, out: Path) -> tuple[float, float, float, str]:
+    """scratchlm's tokens per second and per CPU second, MFU, and the peak it was measured
+    against, on `batches`."""
+    batch, block = batches[0]["idx"].shape
+    trainer = scratchlm_trainer(model_cfg, batch, lr, batches, compiled, out)
+    wall, cpu = timed(lambda b: trainer.train_step(), batches, args.warmup, args.steps)
+    tokens = args.steps * batch * block
+    mfu = min(1.0, trainer.flops_per_token(block) * tokens / wall / trainer.peak)
+    return tokens / wall, tokens / cpu, mfu, trainer.peak_info["how"]
+
+
+def side_by_side(args, tmp: Path) -> list[dict]:
+    rows = []
+    for key in args.shapes.split(","):
+        label, (n_layer, n_head, n_embd, block, batch, dropout, lr) = SHAPES[key]
+        if key == "baby":
+            batch = args.baby_batch
+            label = label.format(b=batch)
+        batches, vocab = char_batches(8, batch, block)
+        # nanoGPT's architecture in scratchlm's terms: GPT-2 parts without biases.
+        model_cfg = ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer,
+                                n_head=n_head, n_embd=n_embd, pos_emb="learned",
+                                norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True,
+                                dropout=dropout)
+        for compiled in [False, True] if args.compile else [False]:
+            ours, theirs, ours_cpu, theirs_cpu, mfu, peak = [], [], [], [], [], ""
+            for rep in range(args.repeats):
+                # One after the other, the order alternating: a load that comes and goes on a
+                # shared machine falls on both sides alike.
+                if rep % 2 == 0:
+                    theirs.append(time_nanogpt(model_cfg, lr, batches, compiled, args))
+                *rates, m, peak = time_scratchlm(model_cfg, lr, batches, compiled, args,
+                                                 tmp / f"side-{len(rows)}-{rep}")
+                ours.append(rates)
+                mfu.append(m)
+                if rep % 2 == 1:
+                    theirs.append(time_nanogpt(model_cfg, lr, batches, compiled, args))
+            ours, ours_cpu = (list(x) for x in zip(*ours))
+            theirs, theirs_cpu = (list(x) for x in zip(*theirs))
+            med = statistics.median
+            row = {"shape": label, "compiled": compiled, "nanogpt_tok_s": theirs,
+                   "scratchlm_tok_s": ours, "ratio": med(ours) / med(theirs),
+                   "nanogpt_tok_cpu_s": theirs_cpu, "scratchlm_tok_cpu_s": ours_cpu,
+                   "cpu_ratio": med(ours_cpu) / med(theirs_cpu), "scratchlm_mfu": med(mfu),
+                   "peak": peak, "load_average": os.getloadavg()[0]}
+            rows.append(row)
+            print(f"  {label}{' compiled' if compiled else ''}: {row['ratio']:.2f}x, "
+                  f"{row['cpu_ratio']:.2f}x per CPU second (load {row['load_average']:.1f})",
+                  flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# the recipe: a 10-minute budget, and the levers' ablation
+
+
+def shakespeare_split(tmp: Path) -> list[str]:
+    """The first 90% of Tiny Shakespeare to train on, the last 10% held out (nanoGPT's)."""
     text = (data_dir() / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)
     (tmp / "train.txt").write_text(text[:cut], encoding="utf-8")
     (tmp / "val.txt").write_text(text[cut:], encoding="utf-8")
-    cfg = load_config(Config, ROOT / "configs" / "shakespeare-10min.yaml",
-                      [f"--data.inputs=[{tmp / 'train.txt'}]",
-                       f"--data.val_inputs=[{tmp / 'val.txt'}]"])
+    return [f"--data.inputs=[{tmp / 'train.txt'}]", f"--data.val_inputs=[{tmp / 'val.txt'}]"]
+
+
+def best_bpb(run: Path) -> tuple[float | None, list]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["time_s"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+    return (min(b for *_, b in curve) if curve else None), curve
+
+
+def budget_run(tmp: Path) -> dict:
+    cfg = load_config(Config, RECIPE, shakespeare_split(tmp))
     summary = run_pretraining(cfg, tmp / "run", progress=False)
-    rows = [json.loads(line) for line in
-            (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    summary["curve"] = [(r["step"], r["time_s"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+    summary["best_bpb"], summary["curve"] = best_bpb(tmp / "run")
     return summary
+
+
+# Each lever of issue 17 as overrides of the recipe (its lrs: nanochat's and modded-nanogpt's
+# small-model settings, not tuned here).
+LEVERS = {
+    "baseline (recipe as is: AdamW, warmup + cosine)": [],
+    "Muon for block matrices (muon_lr 0.02)": ["--train.optimizer=muon"],
+    "warmup-stable-decay (last 30% linear)": ["--train.schedule=wsd",
+                                              "--train.decay_fraction=0.3"],
+    "QK-norm": ["--model.qk_norm=true"],
+    "ReLU² MLP": ["--model.mlp=relu2"],
+    "logit soft-cap 15": ["--model.logit_softcap=15"],
+    "zero-init output projections": ["--model.zero_init=true"],
+    "untied head, head_lr 0.004": ["--model.tie_embeddings=false", "--train.head_lr=0.004"],
+}
+ALL = [f for flags in LEVERS.values() for f in flags if "tie_embeddings" not in f
+       and "head_lr" not in f]
+
+
+def ablation(args, tmp: Path) -> list[dict]:
+    """Every row on the same tokenizer and shards, each for `args.ablation_budget` seconds."""
+    split = shakespeare_split(tmp)
+    base = load_config(Config, RECIPE, split + [f"--tokenizer.vocab_size={args.vocab}"])
+    tok_dir = ensure_tokenizer(base, tmp, progress=False)
+    shards = ensure_data(base, tmp, tok_dir, progress=False)
+    # A fixed number of steps instead of the budget compares the levers per step, which a
+    # busy machine cannot skew (tokens/s is then the separate question).
+    length = [f"--train.max_steps={args.ablation_steps}", "--train.time_budget_s=0"] \
+        if args.ablation_steps else [f"--train.time_budget_s={args.ablation_budget}"]
+    common = split + [f"--tokenizer.vocab_size={args.vocab}", f"--tokenizer.path={tok_dir}",
+                      f"--data.shards={shards}", f"--train.eval_every={args.eval_every}",
+                      "--train.eval_batches=20", *length, *args.set]
+    rows = []
+    for i, (name, flags) in enumerate({**LEVERS, "all of the above (tied head)": ALL}.items()):
+        cfg = load_config(Config, RECIPE, common + flags)
+        summary = run_pretraining(cfg, tmp / f"ablation-{i}", progress=False)
+        bpb, curve = best_bpb(tmp / f"ablation-{i}")
+        rows.append({"lever": name, "flags": flags, "best_bpb": bpb, "steps": summary["steps"],
+                     "tokens_per_s": summary["tokens_per_s"], "curve": curve,
+                     "load_average": os.getloadavg()[0]})
+        print(f"  {name}: {bpb if bpb is None else round(bpb, 3)} bits/byte, "
+              f"{summary['steps']} steps", flush=True)
+    return rows
 
 
 def throughput_run(tmp: Path) -> dict:
@@ -53,28 +394,94 @@ def throughput_run(tmp: Path) -> dict:
     return run_pretraining(cfg, tmp / "gpt2", progress=False)
 
 
-def main() -> None:
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if "--skip-budget" not in sys.argv:
-            results["budget"] = budget_run(Path(tmp))
-        results["gpt2_124m"] = throughput_run(Path(tmp))
+# ------------------------------------------------------------------------------------------------
+
+
+def report(results: dict, args) -> None:
     if "budget" in results:
         b = results["budget"]
         print("\nQuality per compute (configs/shakespeare-10min.yaml, 10-minute budget):\n")
-        print("| steps | tokens | wall time | val loss (nats/token) | val bits/byte |")
+        print("| steps | tokens | wall time | best val bits/byte |")
+        print("|---|---|---|---|")
+        print(f"| {b['steps']} | {b['tokens']:,} | {b['seconds']:.0f} s | "
+              f"**{b['best_bpb']:.3f}** |")
+    if "gpt2_124m" in results:
+        g = results["gpt2_124m"]
+        print("\ngpt2-124m shapes, fp32, CPU, 4 x 512 tokens per step:\n")
+        print("| parameters | tokens/s | MFU | peak used |")
+        print("|---|---|---|---|")
+        print(f"| {g['parameters'] / 1e6:.1f}M | {g['tokens_per_s']:,.0f} | {g['mfu']:.1%} | "
+              f"{g['peak_flops_measured']} |")
+    if "side" in results:
+        print(f"\nSide by side with nanoGPT's model and step, fp32, "
+              f"{torch.get_num_threads()} threads, the same character batches, "
+              f"median of {args.repeats} x {args.steps} steps:\n")
+        print("| shape | mode | nanoGPT tokens/s | scratchlm tokens/s | scratchlm / nanoGPT "
+              "| the same per CPU second | scratchlm MFU | load average |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results["side"]:
+            print(f"| {r['shape']} | {'compiled' if r['compiled'] else 'eager'} | "
+                  f"{statistics.median(r['nanogpt_tok_s']):,.0f} | "
+                  f"{statistics.median(r['scratchlm_tok_s']):,.0f} | {r['ratio']:.2f}x | "
+                  f"{r['cpu_ratio']:.2f}x | {r['scratchlm_mfu']:.1%} | "
+                  f"{r['load_average']:.1f} |")
+        print(f"\nMFU peak: {results['side'][0]['peak']}")
+    if "ablation" in results:
+        length = f"{args.ablation_steps} steps" if args.ablation_steps else \
+            f"{args.ablation_budget:g} s (schedule on the clock)"
+        changed = f", with {' '.join(args.set)}" if args.set else ""
+        print(f"\nAblation: configs/shakespeare-10min.yaml{changed}, {length} per row, "
+              f"vocabulary {args.vocab}, best validation bits/byte on the held-out 10%:\n")
+        print("| lever | best val bits/byte | steps | tokens/s | load average |")
         print("|---|---|---|---|---|")
-        print(f"| {b['steps']} | {b['tokens']:,} | {b['seconds']:.0f} s | {b['val']['loss']:.3f} "
-              f"| **{b['val']['bpb']:.3f}** |")
-        print("\nValidation bits/byte during the run: " + ", ".join(
-            f"{bpb:.3f} at {t:.0f} s" for _, t, bpb in b["curve"]))
-    g = results["gpt2_124m"]
-    print("\ngpt2-124m shapes, fp32, CPU, 4 x 512 tokens per step (mean of the steps after "
-          "the first):\n")
-    print("| parameters | tokens/s | MFU | measured fp32 peak |")
-    print("|---|---|---|---|")
-    print(f"| {g['parameters'] / 1e6:.1f}M | {g['tokens_per_s']:,.0f} | {g['mfu']:.1%} | "
-          f"{g['peak_flops'] / 1e9:.0f} GFLOP/s |")
+        for r in results["ablation"]:
+            bpb = "—" if r["best_bpb"] is None else f"{r['best_bpb']:.3f}"
+            print(f"| {r['lever']} | {bpb} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['load_average']:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", default="budget,gpt2,side,ablation",
+                   help="comma-separated: budget, gpt2, side, ablation")
+    p.add_argument("--skip-budget", action="store_true", help="leave out the 10-minute run")
+    p.add_argument("--compile", action="store_true", help="side: add torch.compile rows")
+    p.add_argument("--steps", type=int, default=20, help="side: timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="side: untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="side: runs per row (median)")
+    p.add_argument("--baby-batch", type=int, default=64, help="side: baby GPT's batch")
+    p.add_argument("--shapes", default="cpu,baby", help="side: cpu, baby or both")
+    p.add_argument("--ablation-budget", type=float, default=60.0,
+                   help="ablation: seconds per row")
+    p.add_argument("--ablation-steps", type=int, default=0,
+                   help="ablation: a fixed number of steps per row instead of the budget")
+    p.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                   help="ablation: an override of the recipe for every row (repeatable), "
+                        "e.g. --set=--model.n_layer=2 for a smaller shape on a busy machine")
+    p.add_argument("--eval-every", type=int, default=50, help="ablation: steps per eval")
+    p.add_argument("--vocab", type=int, default=1024, help="ablation: tokenizer size")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0 = torch's default); 1 keeps a busy machine's "
+                        "OpenMP threads from waiting on each other")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = set(args.sections.split(","))
+    if args.skip_budget:
+        sections.discard("budget")
+    results: dict = {"load_average_start": os.getloadavg()[0], "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "side" in sections:
+            results["side"] = side_by_side(args, tmp)
+        if "ablation" in sections:
+            results["ablation"] = ablation(args, tmp)
+        if "budget" in sections:
+            (tmp / "budget").mkdir()
+            results["budget"] = budget_run(tmp / "budget")
+        if "gpt2" in sections:
+            results["gpt2_124m"] = throughput_run(tmp)
+    report(results, args)
     results_file.save("pretrain", results)
 
 
