@@ -5,6 +5,7 @@ data parallelism and SIGKILL-resume."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -67,8 +68,8 @@ def trl_dpo(loss_type: str, beta: float, smoothing: float, batch: dict,
 
 
 @pytest.mark.parametrize("loss, reduction, smoothing, trl_loss", [
-    ("sigmoid", "sum", 0.0, "sigmoid"), ("sigmoid", "sum", 0.1, "sigmoid"),
-    ("ipo", "sum", 0.0, "ipo"), ("sigmoid", "mean", 0.0, "sigmoid_norm")])
+    ("sigmoid", "sum", 0.0, "sigmoid"), ("ipo", "sum", 0.0, "ipo"),
+    ("sigmoid", "mean", 0.0, "sigmoid_norm")])
 def test_loss_and_figures_equal_trls_on_the_same_logprobs(
         loss: str, reduction: str, smoothing: float, trl_loss: str, tiny_run: Path) -> None:
     pytest.importorskip("trl")
@@ -102,35 +103,55 @@ def test_dpo_loss_written_out() -> None:
     assert dpo_loss(c, r, beta).tolist() == pytest.approx(want, rel=1e-6)
     assert dpo_loss(c, r, beta, "ipo").tolist() == pytest.approx(
         [(1.5 - 5) ** 2, (-2 - 5) ** 2], rel=1e-6)
+    # Conservative DPO (Mitchell 2023): TRL 1.x's sigmoid loss no longer takes label
+    # smoothing, so the written-out formula is the reference.
+    eps = 0.1
+    want = [-(1 - eps) * math.log(1 / (1 + math.exp(-beta * (a - b))))
+            - eps * math.log(1 / (1 + math.exp(beta * (a - b))))
+            for a, b in zip(c.tolist(), r.tolist())]
+    assert dpo_loss(c, r, beta, "sigmoid", eps).tolist() == pytest.approx(want, rel=1e-6)
 
 
-def dpo_args(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["align", "dpo", "--model", str(model), "--data", "builtin:continue", "--out",
-            str(out), "--quiet", "--train.max_steps=30", "--train.epochs=0", "--train.lr=1e-3",
-            "--train.micro_batch=8", "--train.eval_every=15", "--dpo.sample_prompts=2",
-            "--dpo.max_new_tokens=8", "--dpo.max_length=96", *extra]
+SPLIT = "--dpo.split=[0.6, 0.1, 0.3]"
 
 
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    from test_align_data import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", 160)
+
+
+def dpo_args(model: Path, out: Path, data: Path, *extra: str) -> list[str]:
+    return ["align", "dpo", "--model", str(model), "--data", str(data), "--out",
+            str(out), "--quiet", "--train.max_steps=24", "--train.epochs=0", "--train.lr=1e-3",
+            "--train.micro_batch=8", "--train.eval_every=12", "--dpo.sample_prompts=2",
+            "--dpo.max_new_tokens=8", "--dpo.max_length=96", SPLIT, *extra]
+
+
+@pytest.mark.slow
 def test_dpo_moves_held_out_rewards_and_stores_the_reference(sft_model: Path,
+                                                             pairs_file: Path,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "dpo"
-    assert main(dpo_args(sft_model, out)) == 0
+    assert main(dpo_args(sft_model, out, pairs_file)) == 0
     held = json.loads((out / "metrics.json").read_text())
     before, after = held["before"], held["after"]
     assert before["rewards/accuracies"] == 0 and before["rewards/margins"] == 0  # π = π_ref
     assert after["rewards/accuracies"] > 0.6 and after["rewards/margins"] > 0.05, after
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 30 and "val_rewards/accuracies" in rows[14]
+    assert len(rows) == 24 and "val_rewards/accuracies" in rows[11]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
             "logps/rejected"} <= set(rows[0])
     # The stored reference log-probs are the starting model's.
     from scratchlm.align.data import pair_splits
     from scratchlm.model.load import load_pretrained
+    from scratchlm.templates import load_template
 
     stored = json.loads((out / "reference_logps.json").read_text())
     model, tok, _ = load_pretrained(sft_model)
-    splits, _ = pair_splits("builtin:continue", [0.85, 0.05, 0.1], 123, "error", "dpo")
-    encoded, _ = encode_pairs(splits["val"][:4], get_template("alpaca"), tok, 96, 48)
+    splits, _ = pair_splits(str(pairs_file), [0.6, 0.1, 0.3], 123, "error", "dpo")
+    encoded, _ = encode_pairs(splits["val"][:4], load_template(sft_model), tok, 96, 48)
     batch = collate_pairs(encoded, tok.eot_id)
     with torch.no_grad():
         logps = sequence_logprobs(model(batch["idx"])[0], batch["targets"])
@@ -142,13 +163,14 @@ def test_dpo_moves_held_out_rewards_and_stores_the_reference(sft_model: Path,
     assert (out / "final" / "template.json").is_file()
 
 
-def test_a_live_reference_gives_the_precomputed_losses(sft_model: Path,
+def test_a_live_reference_gives_the_precomputed_losses(sft_model: Path, pairs_file: Path,
                                                        tmp_path: Path) -> None:
     from helpers import losses
 
     args = ["--train.max_steps=3", "--train.eval_every=0", "--dpo.sample_prompts=0"]
-    assert main(dpo_args(sft_model, tmp_path / "stored", *args)) == 0
-    assert main(dpo_args(sft_model, tmp_path / "live", *args, "--dpo.reference=live")) == 0
+    assert main(dpo_args(sft_model, tmp_path / "stored", pairs_file, *args)) == 0
+    assert main(dpo_args(sft_model, tmp_path / "live", pairs_file, *args,
+                         "--dpo.reference=live")) == 0
     assert losses(tmp_path / "live") == pytest.approx(losses(tmp_path / "stored"), abs=1e-5)
     assert not (tmp_path / "live" / "reference_logps.json").exists()
 
@@ -172,13 +194,12 @@ def bad_pairs(tmp_path: Path, kind: str) -> Path:
     ("tokenizer", "has another tokenizer than the policy"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(kind: str, message: str, sft_model: Path,
-                                                  chat_model: Path, tmp_path: Path,
+                                                  tiny_run: Path, tmp_path: Path,
                                                   capsys) -> None:
     out = tmp_path / "out"
-    args = dpo_args(sft_model, out)
-    args[args.index("--data") + 1] = str(bad_pairs(tmp_path, kind))
-    if kind == "tokenizer":
-        args += ["--ref-model", str(chat_model)]
+    args = dpo_args(sft_model, out, bad_pairs(tmp_path, kind))
+    if kind == "tokenizer":  # the base model lacks the chat tokens the SFT model added
+        args += ["--ref-model", str(tiny_run)]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -186,31 +207,30 @@ def test_bad_input_is_one_line_and_writes_nothing(kind: str, message: str, sft_m
 
 
 def test_identical_pairs_can_be_dropped(sft_model: Path, tmp_path: Path, capsys) -> None:
-    args = dpo_args(sft_model, tmp_path / "out", "--dpo.identical=drop",
-                    "--train.max_steps=1", "--train.eval_every=0", "--dpo.sample_prompts=0",
-                    "--dpo.split=[0.5, 0.25, 0.25]")
-    args[args.index("--data") + 1] = str(bad_pairs(tmp_path, "identical"))
+    args = dpo_args(sft_model, tmp_path / "out", bad_pairs(tmp_path, "identical"),
+                    "--dpo.identical=drop", "--train.max_steps=1", "--train.eval_every=0",
+                    "--dpo.sample_prompts=0", "--dpo.split=[0.5, 0.25, 0.25]")
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert sum(summary["pairs"].values()) == 23
 
 
-def parity_args(model: Path) -> list[str]:
-    return ["align", "dpo", "--model", str(model), "--data", "builtin:continue", "--quiet",
+def parity_args(model: Path, data: Path) -> list[str]:
+    return ["align", "dpo", "--model", str(model), "--data", str(data), "--quiet", SPLIT,
             "--train.max_steps=6", "--train.epochs=0", "--train.lr=1e-3",
             "--train.micro_batch=2", "--train.global_batch=8", "--train.eval_every=3",
             "--train.checkpoint_every=2", "--dpo.sample_prompts=0", "--dpo.max_length=80"]
 
 
 @pytest.mark.distributed
-def test_ddp_equals_one_process(sft_model: Path, tmp_path: Path) -> None:
+def test_ddp_equals_one_process(sft_model: Path, pairs_file: Path, tmp_path: Path) -> None:
     """Two processes on the same global batch of 8 pairs: every step's loss equals one
     process's to 1e-5, and so do the final weights."""
     from safetensors.torch import load_file
 
     from helpers import SCRATCHLM, losses, torchrun
 
-    args = parity_args(sft_model)
+    args = parity_args(sft_model, pairs_file)
     subprocess.run(SCRATCHLM + args + ["--out", str(tmp_path / "one")], check=True,
                    capture_output=True)
     torchrun(*args, "--out", str(tmp_path / "two"), "--parallel.dp=2")
@@ -223,9 +243,10 @@ def test_ddp_equals_one_process(sft_model: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted_run(sft_model: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_equals_uninterrupted_run(sft_model: Path, pairs_file: Path,
+                                                      tmp_path: Path) -> None:
     from helpers import losses, sigkill_then_resume
 
-    whole, killed = sigkill_then_resume(parity_args(sft_model), tmp_path, 2,
+    whole, killed = sigkill_then_resume(parity_args(sft_model, pairs_file), tmp_path, 2,
                                         ["model.safetensors"])
     assert losses(killed) == losses(whole)

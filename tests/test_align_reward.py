@@ -49,6 +49,7 @@ def reward_args(model: Path, out: Path, *extra: str) -> list[str]:
             "--train.eval_every=20", "--reward.max_length=96", *extra]
 
 
+@pytest.mark.slow
 def test_reward_model_learns_held_out_pairs_and_exports_to_hf(sft_model: Path,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "rm"
@@ -87,11 +88,14 @@ def test_ddp_equals_one_process(sft_model: Path, tmp_path: Path) -> None:
     """Two processes on the same global batch of 8 pairs: every step's loss equals one
     process's to 1e-5, and so do the final head and model."""
     from safetensors.torch import load_file
+    from test_align_data import write_pairs
 
     from helpers import SCRATCHLM, losses, torchrun
 
-    args = ["align", "reward", "--model", str(sft_model), "--data", "builtin:continue",
-            "--quiet", "--train.max_steps=6", "--train.epochs=0", "--train.lr=1e-3",
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 80)
+    args = ["align", "reward", "--model", str(sft_model), "--data", str(pairs),
+            "--reward.split=[0.6, 0.2, 0.2]", "--quiet", "--train.max_steps=6",
+            "--train.epochs=0", "--train.lr=1e-3",
             "--train.micro_batch=2", "--train.global_batch=8", "--train.eval_every=3",
             "--reward.max_length=80"]
     subprocess.run(SCRATCHLM + args + ["--out", str(tmp_path / "one")], check=True,

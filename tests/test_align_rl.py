@@ -348,6 +348,7 @@ def held_out(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_few_ppo_steps_raise_a_rule_reward(sft_model: Path, reward_file: Path,
                                             tmp_path: Path) -> None:
     out = tmp_path / "ppo"
@@ -369,6 +370,7 @@ def test_a_few_ppo_steps_raise_a_rule_reward(sft_model: Path, reward_file: Path,
     assert "| prompt | before |" in (out / "responses.md").read_text()
 
 
+@pytest.mark.slow
 def test_grpo_runs_on_groups_and_logs_trls_figures(sft_model: Path, reward_file: Path,
                                                   tmp_path: Path) -> None:
     out = tmp_path / "grpo"

@@ -82,6 +82,6 @@ def test_readme_commands_run_as_written(tmp_path: Path, shared_data: Path) -> No
         if reason is not None:
             continue
         done = subprocess.run(["bash", "-c", PRELUDE + body], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=1500)
         assert done.returncode == 0, (f"README block at line {line} failed:\n{body}\n"
                                       f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")

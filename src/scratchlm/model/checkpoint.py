@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from scratchlm.errors import ScratchError
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.gpt import GPT, tied_weights
-from scratchlm.utils import atomic_path, atomic_write_text
+from scratchlm.utils import atomic_write_text, save_tensors
 
 FORMAT = "scratchlm-model"
 FORMAT_VERSION = 1
@@ -43,10 +43,8 @@ def save_model(model: GPT, directory: str | os.PathLike, tokenizer=None,
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / "model.safetensors") as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in
-                   base_tensors(model, state).items()}
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in
+                  base_tensors(model, state).items()}, directory / "model.safetensors")
     if lora_layers(model):
         save_adapter(model, directory, state)
     atomic_write_text(directory / "config.json", json.dumps(
@@ -123,8 +121,7 @@ def save_extras(directory: str | os.PathLike, state: dict[str, torch.Tensor]) ->
         name, rest = key.split(".", 1)
         by_name.setdefault(name, {})[rest] = value.detach().contiguous().cpu()
     for name, tensors in by_name.items():
-        with atomic_path(Path(directory) / f"{name}.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_tensors(tensors, Path(directory) / f"{name}.safetensors")
 
 
 def load_extras(directory: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from scratchlm.errors import ScratchError
 from scratchlm.model.checkpoint import base_tensors, check_state
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.gpt import GPT
-from scratchlm.utils import atomic_path, atomic_write_text
+from scratchlm.utils import atomic_write_text, save_tensors
 
 # ------------------------------------------------------------------------------------------------
 # configs
@@ -331,8 +331,6 @@ def save_hf(model: GPT, directory: str | os.PathLike, tokenizer=None,
     load: config.json, model.safetensors, tokenizer files. A prompt `template`
     (scratchlm.templates) becomes the tokenizer's `chat_template`, its end-of-turn token the
     end-of-sequence token, so `apply_chat_template` and `generate` work as ours do."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_cfg = _hf_config(model, classifier)
@@ -341,9 +339,8 @@ def save_hf(model: GPT, directory: str | os.PathLike, tokenizer=None,
     if tokenizer is not None and tokenizer.eot_id is not None:
         hf_cfg["bos_token_id"] = tokenizer.eot_id
         hf_cfg["eos_token_id"] = tokenizer.special_tokens.get(eos, tokenizer.eot_id)
-    with atomic_path(directory / "model.safetensors") as tmp:
-        tensors = {k: v.float().cpu() for k, v in _hf_tensors(model, classifier).items()}
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_tensors({k: v.float().cpu() for k, v in _hf_tensors(model, classifier).items()},
+                 directory / "model.safetensors")
     atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2))
     if tokenizer is not None:
         from scratchlm.tokenizer.fast import to_hf_tokenizer

@@ -24,7 +24,7 @@ from torch import nn
 from scratchlm.config import LORA_TARGETS, LoRAConfig
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT, tied_weights
-from scratchlm.utils import atomic_path, atomic_write_text
+from scratchlm.utils import atomic_write_text, save_tensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 
@@ -141,12 +141,9 @@ def is_adapter(name: str) -> bool:
 def save_adapter(model: GPT, directory: str | os.PathLike,
                  state: dict[str, torch.Tensor] | None = None) -> None:
     """adapter.safetensors (the adapters alone) + adapter.json (their config)."""
-    from safetensors.torch import save_file
-
     source = state if state is not None else model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in source.items() if is_adapter(k)}
-    with atomic_path(Path(directory) / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_tensors(tensors, Path(directory) / ADAPTER_WEIGHTS)
     atomic_write_text(Path(directory) / ADAPTER_CONFIG,
                       json.dumps({"format": "scratchlm-lora", "version": 1,
                                   **asdict(model.lora_config)}, indent=2))
@@ -178,8 +175,6 @@ def save_peft(model: GPT, directory: str | os.PathLike) -> Path:
     """The adapters in Hugging Face `peft`'s format (adapter_config.json +
     adapter_model.safetensors), for `PeftModel.from_pretrained` on the model's Hugging Face
     export (`scratchlm.model.hf.save_hf`)."""
-    from safetensors.torch import save_file
-
     from scratchlm.model.hf import family, hf_linear_name
 
     cfg, d = model.lora_config, Path(directory)
@@ -194,8 +189,7 @@ def save_peft(model: GPT, directory: str | os.PathLike) -> Path:
         modules.add(hf.rsplit(".", 1)[-1])
         tensors[f"base_model.model.{hf}.lora_A.weight"] = lora.a.detach().contiguous().cpu()
         tensors[f"base_model.model.{hf}.lora_B.weight"] = lora.b.detach().contiguous().cpu()
-    with atomic_path(d / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_tensors(tensors, d / "adapter_model.safetensors")
     atomic_write_text(d / "adapter_config.json", json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank,
         "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -45,7 +45,7 @@ from scratchlm.model.lora import ADAPTER_WEIGHTS, lora_layers
 from scratchlm.parallel import gather_to_first
 from scratchlm.parallel.zero1 import ZeroOneOptimizer
 from scratchlm.train.objective import TrainModule
-from scratchlm.utils import atomic_write_text
+from scratchlm.utils import atomic_write_text, save_tensors
 
 STATE = "trainer_state.json"
 
@@ -143,12 +143,12 @@ def save_checkpoint(out: Path, step: int, module: TrainModule, states: tuple[dic
     save_extras(tmp, extras)
     save_config(run_cfg, tmp / "run.yaml")
     tensors, meta = _optimizer_tensors(opt_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(tensors, tmp / "optimizer.safetensors")
     atomic_write_text(tmp / "optimizer.json", json.dumps(meta))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_tensors(rng, tmp / "rng.safetensors")
     atomic_write_text(tmp / STATE, json.dumps(state, indent=2))  # last: marks it complete
     if final.exists():
         shutil.rmtree(final)

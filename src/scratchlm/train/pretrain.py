@@ -189,13 +189,6 @@ def build_model(cfg: Config, tokenizer: BPETokenizer) -> tuple[GPT, Config]:
     return GPT(cfg.model), cfg
 
 
-def check_run_dir(out: Path, resume: bool) -> None:
-    """Refuse to start a new run over one that is there (see trainer.start_run)."""
-    from scratchlm.train.trainer import start_run
-
-    start_run(out, resume)
-
-
 def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                     prepared: tuple[Path, Path] | None = None) -> dict:
     """The whole run; `prepared` = (tokenizer dir, shard dir) when the caller built them."""
