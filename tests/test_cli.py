@@ -102,14 +102,14 @@ def test_demo_builds_then_reuses(tmp_path: Path, monkeypatch, capsys) -> None:
     report = (tmp_path / "report.md").read_text()
     for part in ["## Tokenizer", "## Data", "## Pretraining", "bits per byte", "loss.png",
                  "## Samples", "ROMEO:", "## Evaluation", "builtin:speaker", "## Fine-tuning",
-                 "majority class", "exact match"]:
+                 "majority class", "exact match", "## Alignment", "DPO"]:
         assert part in report
     assert (tmp_path / "loss.png").is_file()
-    for stage in ("genre", "sft"):
+    for stage in ("genre", "sft", "align/sft", "align/reward", "align/ppo", "align/dpo"):
         assert json.loads((tmp_path / stage / "summary.json").read_text())["steps"] == 8
     code, out, _ = run(argv, monkeypatch, capsys)
     assert code == 0 and "reusing the finished run" in out and "training a" not in out
-    assert "nothing to do" in out  # the fine-tuning stages are reused too
+    assert out.count("reusing the finished run") == 7  # pretraining and every later stage
     code, _, err = run(argv + ["--train.max_steps=61"], monkeypatch, capsys)
     assert code == 2 and "finished run of another config" in err
 

@@ -1,17 +1,19 @@
 """`scratchlm demo`: every stage that has landed, on the built-in Shakespeare corpus.
 
 tokenizer -> data shards -> pretraining -> samples -> evaluation on the built-in tasks ->
-classification and instruction fine-tuning (in RUN/genre and RUN/sft) -> report.md, in one
-run directory. What is already built there with the same config is reused, so a second run
-only redoes what changed.
-The fine-tuning stages follow their recipes (configs/demo-genre.yaml, demo-sft.yaml); the
-command line's --train.* overrides apply to every stage, so `--train.max_steps=4` makes the
-whole demo a smoke test.
+classification and instruction fine-tuning (RUN/genre, RUN/sft) -> alignment: SFT, reward
+model, PPO and DPO (RUN/align) -> report.md, in one run directory. What is already built
+there with the same config is reused, so a second run only redoes what changed. The
+fine-tuning stages follow their recipes (configs/demo-genre.yaml, demo-sft.yaml), alignment
+scratchlm.align.demo; the command line's --train.* overrides apply to every stage, so
+`--train.max_steps=4` makes the whole demo a smoke test.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from scratchlm.config import (
@@ -85,9 +87,29 @@ def evaluation_report(out: Path, reused: bool, progress: bool) -> list[str]:
             "`scratchlm evaluate --tasks builtin`):", "", table.read_text(encoding="utf-8"), ""]
 
 
+def demo_stage(run: Callable, cls: type, overrides: list[str], out: Path, progress: bool,
+               recipe: Path | None = None) -> dict:
+    """A stage's summary (its config: the recipe, then the overrides): reused when `out` holds
+    a finished run of this config, resumed when it holds an interrupted one, else run from
+    the start; a run of another config there is refused."""
+    from scratchlm.train.trainer import run_finished
+
+    cfg = load_config(cls, recipe, overrides)
+    saved = out / "config.yaml"
+    if saved.is_file() and load_config(cls, saved) != cfg:
+        raise ScratchError(f"{out} holds a run of another config; use another --out or "
+                           "delete it")
+    done = run_finished(out)
+    if done is not None:
+        print(f"[demo] reusing the finished run in {out}")
+        return done
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    return run(cfg, out, resume=resume, progress=progress)
+
+
 def finetune_stages(out: Path, train_overrides: list[str], progress: bool) -> dict[str, dict]:
     """Classification (builtin:genre) and SFT (builtin:speaker) on the pretrained model, each
-    a run of its own under `out`, continued or reused when it is already there."""
+    a run of its own under `out` (recipes configs/demo-genre.yaml and demo-sft.yaml)."""
     from scratchlm.finetune.classify import run_classify
     from scratchlm.finetune.sft import run_sft
 
@@ -95,11 +117,10 @@ def finetune_stages(out: Path, train_overrides: list[str], progress: bool) -> di
               "sft": (SFTConfig, "sft", run_sft)}
     results = {}
     for name, (cls, section, run) in stages.items():
-        cfg = load_config(cls, resolve_recipe(f"demo-{name}"),
-                          [f"--{section}.model={out / 'final'}", *train_overrides])
         print(f"[demo] fine-tuning: {name} -> {out / name}")
-        # resume: a finished stage is reused, an interrupted one continues, a new one starts
-        results[name] = run(cfg, out / name, resume=True, progress=progress)
+        overrides = [f"--{section}.model={out / 'final'}", *train_overrides]
+        results[name] = demo_stage(run, cls, overrides, out / name, progress,
+                                   resolve_recipe(f"demo-{name}"))
     return results
 
 
@@ -122,6 +143,22 @@ def finetune_report(results: dict[str, dict], out: Path) -> list[str]:
         line = row["prompt"].splitlines()[-1][:60].replace("|", "/")
         lines.append(f"| {line} | {row['reference']} | {row['response'].strip()[:30]} |")
     return lines + [""]
+
+
+def alignment_report(out: Path, train_overrides: list[str], progress: bool) -> list[str]:
+    """SFT -> reward model -> PPO and SFT -> DPO in out/align (scratchlm.align.demo); its
+    table here, the full report (samples, curves) beside it."""
+    from scratchlm.align.demo import run_alignment_demo
+
+    print(f"[demo] alignment -> {out / 'align'}")
+    report = run_alignment_demo(out / "align", out / "final", progress, train_overrides)
+    lines = report.read_text(encoding="utf-8").splitlines()
+    first = next(k for k, line in enumerate(lines) if line.startswith("|"))
+    table = list(itertools.takewhile(lambda x: x.startswith("|"), lines[first:]))
+    return ["## Alignment", "", "From the pretrained model: SFT on `builtin:continue`, a reward "
+            "model on its pairs and PPO against it; DPO from the same SFT model "
+            "([align/report.md](align/report.md): samples before and after, curves).", "",
+            *table, ""]
 
 
 def run_demo(cfg: Config, out: Path, progress: bool = True,
@@ -182,6 +219,7 @@ def run_demo(cfg: Config, out: Path, progress: bool = True,
         lines += ["```", prompt + text, "```", ""]
     lines += evaluation_report(out, reused, progress)
     lines += finetune_report(finetune_stages(out, list(train_overrides), progress), out)
+    lines += alignment_report(out, list(train_overrides), progress)
     report = atomic_write_text(out / "report.md", "\n".join(lines))
     print(f"[demo] validation bits/byte {val['bpb']:.3f}; sample:\n{PROMPTS[0]}{samples[0]}")
     return report

@@ -9,11 +9,10 @@ and DPO from the SFT model on the same pairs. Each stage is a normal run directo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-from scratchlm.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
-from scratchlm.errors import ScratchError
+from scratchlm.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+from scratchlm.demo import demo_stage
 from scratchlm.utils import atomic_write_text
 
 DATA = "builtin:continue"
@@ -43,27 +42,10 @@ def demo_configs(out: Path, base_model: Path) -> dict[str, tuple[type, list[str]
     }
 
 
-def demo_stage(run: Callable, cls: type, overrides: list[str], out: Path, progress: bool
-              ) -> dict:
-    """A stage's summary: reused when `out` holds a finished run of this config, resumed when
-    it holds an interrupted one, else run from the start."""
-    from scratchlm.train.trainer import run_finished
-
-    cfg = load_config(cls, None, overrides)
-    saved = out / "config.yaml"
-    if saved.is_file() and load_config(cls, saved) != cfg:
-        raise ScratchError(f"{out} holds a run of another config; use another --out or "
-                           "delete it")
-    done = run_finished(out)
-    if done is not None:
-        print(f"[align demo] reusing the finished run in {out}")
-        return done
-    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    return run(cfg, out, resume=resume, progress=progress)
-
-
-def run_alignment_demo(out: Path, base_model: Path, progress: bool = True) -> Path:
-    """pretrained model -> SFT -> reward model -> PPO, and SFT -> DPO; returns report.md."""
+def run_alignment_demo(out: Path, base_model: Path, progress: bool = True,
+                       train_overrides: list[str] = ()) -> Path:
+    """pretrained model -> SFT -> reward model -> PPO, and SFT -> DPO; returns report.md.
+    `train_overrides` (--train.KEY=VALUE) apply to every stage, after its own settings."""
     from scratchlm.align.dpo import run_dpo
     from scratchlm.align.ppo import run_ppo
     from scratchlm.align.reward import run_reward
@@ -73,7 +55,8 @@ def run_alignment_demo(out: Path, base_model: Path, progress: bool = True) -> Pa
     stages = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo, "dpo": run_dpo}
     summaries = {}
     for name, (cls, overrides) in demo_configs(out, Path(base_model)).items():
-        summaries[name] = demo_stage(stages[name], cls, overrides, out / name, progress)
+        summaries[name] = demo_stage(stages[name], cls, [*overrides, *train_overrides],
+                                     out / name, progress)
     report = atomic_write_text(out / "report.md", render_report(out, base_model, summaries))
     print(f"[align demo] report: {report}")
     return report
