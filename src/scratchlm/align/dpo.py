@@ -39,13 +39,12 @@ from scratchlm.align.data import (
     resolve_template,
 )
 from scratchlm.config import DPOConfig, DPOSection, save_config
-from scratchlm.data.loader import ExampleLoader
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT
 from scratchlm.model.logprobs import IGNORE, sequence_logprobs
 from scratchlm.parallel import init_distributed, is_main, print0
 from scratchlm.templates import Template, save_template
-from scratchlm.train.objective import Objective
+from scratchlm.train.objective import ExampleObjective
 from scratchlm.utils import atomic_write_text
 
 EVAL_BATCH = 8
@@ -72,13 +71,13 @@ def response_logps(model: GPT, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
         (batch["targets"] != IGNORE).sum(-1)
 
 
-class DPOObjective(Objective):
+class DPOObjective(ExampleObjective):
     name = "DPO"
 
     def __init__(self, data: dict[str, list[EncodedPair]], section: DPOSection, pad_id: int,
                  reference: GPT | None, stats: dict) -> None:
-        super().__init__()
-        self.data, self.section, self.pad_id, self.stats = data, section, pad_id, stats
+        super().__init__(data)
+        self.section, self.pad_id, self.stats = section, pad_id, stats
         self.reference = reference  # held only with dpo.reference=live
         self.meter = StepMeter()
         self.before: dict = {}
@@ -87,13 +86,6 @@ class DPOObjective(Objective):
 
     def collate(self, pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
         return collate_pairs(pairs, self.pad_id)
-
-    def batches(self, micro_batch: int, seed: int, rank: int, world_size: int) -> ExampleLoader:
-        return ExampleLoader(self.data["train"], self.collate, micro_batch, seed, rank,
-                             world_size)
-
-    def train_size(self) -> int:
-        return len(self.data["train"])
 
     def count(self, batch: dict) -> int:
         return len(batch["ref_chosen"])

@@ -40,13 +40,12 @@ from scratchlm.align.data import (
     split_turn,
 )
 from scratchlm.config import RewardConfig, RewardSection, save_config
-from scratchlm.data.loader import ExampleLoader
 from scratchlm.errors import ScratchError
 from scratchlm.finetune.classify import HEAD, class_logits, new_head, set_trainable
 from scratchlm.model.gpt import GPT
 from scratchlm.parallel import init_distributed, is_main, print0
 from scratchlm.templates import Template, save_template
-from scratchlm.train.objective import Objective
+from scratchlm.train.objective import ExampleObjective
 from scratchlm.utils import atomic_write_text
 
 EVAL_BATCH = 16
@@ -84,13 +83,13 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 
     return loss
 
 
-class RewardObjective(Objective):
+class RewardObjective(ExampleObjective):
     name = "reward model"
 
     def __init__(self, model: GPT, data: dict[str, list[EncodedPair]], section: RewardSection,
                  template: Template, tokenizer, limits: tuple[int, int], stats: dict) -> None:
-        super().__init__()
-        self.data, self.section, self.stats = data, section, stats
+        super().__init__(data)
+        self.section, self.stats = section, stats
         self.template, self.limits = template, limits
         self.pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
         self.end_id = tokenizer.special_tokens.get(template.end)
@@ -103,13 +102,6 @@ class RewardObjective(Objective):
         rows = [scored_ids(p.chosen, self.end_id) for p in pairs] + \
             [scored_ids(p.rejected, self.end_id) for p in pairs]
         return collate_scored(rows, self.pad_id)
-
-    def batches(self, micro_batch: int, seed: int, rank: int, world_size: int) -> ExampleLoader:
-        return ExampleLoader(self.data["train"], self.collate, micro_batch, seed, rank,
-                             world_size)
-
-    def train_size(self) -> int:
-        return len(self.data["train"])
 
     def count(self, batch: dict) -> int:
         return len(batch["lengths"]) // 2
