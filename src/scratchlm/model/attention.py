@@ -109,12 +109,14 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (B, T, heads * hd) of x (B, T, n_embd). Plain weights are concatenated at
-        run time into one (n_head + 2 n_kv_head) * hd wide matmul: on the CPU one larger GEMM
-        beats three small ones, and the parameters stay apart for tensor parallelism, whose
-        DTensor weights (like LoRA's hooked layers and int8 ones) take the three calls."""
+        """q, k, v (B, T, heads * hd) of x (B, T, n_embd). Without autograd (generation,
+        evaluation) plain weights are concatenated at run time into one (n_head + 2 n_kv_head)
+        * hd wide matmul: on the CPU one larger GEMM beats three small ones. In training the
+        three stay apart: fused, backward would keep the concatenated weight and the whole
+        q/k/v output alive. The parameters stay apart for tensor parallelism, whose DTensor
+        weights (like LoRA's hooked layers and int8 ones) take the three calls."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+        if torch.is_grad_enabled() or not all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
                    and type(m.weight) in (torch.Tensor, nn.Parameter) for m in projs):
             return tuple(m(x) for m in projs)
         bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projs])
