@@ -420,8 +420,10 @@ def test_sigkill_during_prepare_ends_resumable(tmp_path: Path, tok_dir: Path,
 
     from scratchlm.cli import main
 
+    # Three novels in shards of 20k tokens: a run long enough (dozens of shards) that the
+    # kill lands mid-run however fast or busy the machine is.
     src = _austen_jsonl(shared_data, tmp_path / "austen.jsonl",
-                        ("persuasion.txt",))
+                        ("persuasion.txt", "emma.txt", "northangerabbey.txt"))
     args = ["data", "prepare", "--input", str(src), "--tokenizer", str(tok_dir), "--quiet",
             "--data.workers=1", "--data.shard_tokens=20000", "--data.filters.preset=books"]
     assert main([*args, "--out", str(tmp_path / "undisturbed")]) == 0
