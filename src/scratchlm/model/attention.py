@@ -116,8 +116,9 @@ class CausalSelfAttention(nn.Module):
         q/k/v output alive. The parameters stay apart for tensor parallelism, whose DTensor
         weights (like LoRA's hooked layers and int8 ones) take the three calls."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if torch.is_grad_enabled() or not all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
-                   and type(m.weight) in (torch.Tensor, nn.Parameter) for m in projs):
+        plain = all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                    and type(m.weight) in (torch.Tensor, nn.Parameter) for m in projs)
+        if torch.is_grad_enabled() or not plain:
             return tuple(m(x) for m in projs)
         bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projs])
         qkv = F.linear(x, torch.cat([m.weight for m in projs]), bias)
