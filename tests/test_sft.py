@@ -200,7 +200,7 @@ def test_sft_learns_the_task_and_writes_its_outputs(tiny_run: Path, tmp_path: Pa
     summary = run_sft(cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    assert len(vals) == 2 and vals[-1] < vals[0] - 0.5  # the one-word answers are learnt
+    assert len(vals) == 2 and vals[-1] < vals[0] - 0.3  # the one-word answers are learnt
     final = tmp_path / "final"
     assert load_template(final).name == "chat"
     tok = BPETokenizer.load(final)
