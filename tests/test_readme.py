@@ -1,11 +1,12 @@
 """The README is a contract: every ```bash block runs as written, top to bottom, in one fresh
 directory, so a later block can use what an earlier one made (tok/, runs/tiny, ...).
 
-Budgets are the one substitution: `scratchlm`, `torchrun` and `make` are shell functions here
-that append BUDGET to the verbs that train (and fewer test answers to `finetune sft`), so
-`pretrain --config tiny-cpu` stops after a few steps instead of 60 (`make demo` is `scratchlm
-demo` with that budget; `make test` is not run again). A block that cannot run on a test
-machine (a cluster, many machines) is preceded in the README by `<!-- not run: REASON -->`."""
+Budgets are the one substitution: `scratchlm` and `torchrun` are wrapper scripts here and
+`make` a shell function; they append BUDGET to the verbs that train (and fewer test answers to
+`finetune sft`), so `pretrain --config tiny-cpu` stops after a few steps instead of 60 (`make
+demo` is `scratchlm demo` with that budget; `make test` is not run again). A block that cannot
+run on a test machine (a cluster, many machines) is preceded in the README by
+`<!-- not run: REASON -->`."""
 
 from __future__ import annotations
 
@@ -23,23 +24,24 @@ SKIP = re.compile(r"<!-- not run: (.+?) -->\s*$")
 # asks for (the README's own --train.max_steps=40 becomes 4 here).
 BUDGET = ("--train.max_steps=4 --train.epochs=0 --train.eval_every=2 --train.checkpoint_every=2 "
           "--train.eval_batches=2")
-PRELUDE = f"""set -euo pipefail
-BUDGET=({BUDGET})
-scratchlm() {{
-  case "$1 ${{2:-}}" in
-    "finetune sft") command scratchlm "$@" "${{BUDGET[@]}}" --sft.eval_examples=4 ;;
-    pretrain*|finetune*|align*|demo*) command scratchlm "$@" "${{BUDGET[@]}}" ;;
-    *) command scratchlm "$@" ;;
-  esac
-}}
-torchrun() {{ command torchrun "$@" "${{BUDGET[@]}}"; }}
-make() {{
+# `scratchlm` and `torchrun` are wrapper scripts first on PATH that add the budget and `exec`
+# the real command, so `scratchlm serve ... & server=$!` is the server's own process id.
+WRAPPERS = {
+    "scratchlm": """case "$1 ${2:-}" in
+  "finetune sft") exec REAL "$@" BUDGET --sft.eval_examples=4 ;;
+  pretrain*|finetune*|align*|demo*) exec REAL "$@" BUDGET ;;
+  *) exec REAL "$@" ;;
+esac""",
+    "torchrun": 'exec REAL "$@" BUDGET',
+}
+PRELUDE = """set -euo pipefail
+make() {
   case "$1" in
     demo) scratchlm demo ;;
     test) echo "make test: this suite itself, not run again" ;;
     *) command make "$@" ;;
   esac
-}}
+}
 """
 
 
@@ -76,8 +78,16 @@ def test_readme_commands_run_as_written(tmp_path: Path, shared_data: Path) -> No
     (work / "configs").symlink_to(ROOT / "configs")
     (work / ".venv").symlink_to(Path(sys.executable).parents[1])  # for `source .venv/...`
     (tmp_path / "shared").symlink_to(shared_data.parent)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "SCRATCHLM_DATA": str(tmp_path / "shared" / "data")}
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    for name, body in WRAPPERS.items():
+        real = Path(sys.executable).parent / name
+        script = wrappers / name
+        script.write_text("#!/bin/bash\n" + body.replace("REAL", str(real))
+                          .replace("BUDGET", BUDGET) + "\n")
+        script.chmod(0o755)
+    path = os.pathsep.join([str(wrappers), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = {**os.environ, "PATH": path, "SCRATCHLM_DATA": str(tmp_path / "shared" / "data")}
     for line, body, reason in blocks((ROOT / "README.md").read_text(encoding="utf-8")):
         if reason is not None:
             continue
