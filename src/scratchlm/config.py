@@ -366,9 +366,8 @@ class SFTSection:
     max_length: int | None = None
     """Most tokens of an example (or a packed block); None = the model's context."""
     too_long: Literal["cut", "drop", "error"] = "cut"
-    """An example longer than max_length: cut (the prompt from its start, then the response
-    from its end, so the answer survives; counted and reported), dropped (counted), or an
-    error."""
+    """An example longer than max_length: cut at the end (counted and reported; one whose
+    response is cut away entirely is dropped), dropped (counted), or an error."""
     train_on_prompt: bool = False
     """Put the loss on the prompt's tokens too, not only on the response's."""
     packing: bool = False

@@ -120,7 +120,7 @@ def encode_examples(convs: list[Conversation], template: Template, tokenizer, ma
             if too_long == "drop":
                 dropped += 1
                 continue
-            ids, mask = cut_to(ids, mask, max_length + 1)
+            ids, mask = ids[:max_length + 1], mask[:max_length + 1]
             cut += 1
         labels = [t if (m or train_on_prompt) else IGNORE for t, m in zip(ids, mask)]
         if all(label == IGNORE for label in labels[1:]):
@@ -128,15 +128,6 @@ def encode_examples(convs: list[Conversation], template: Template, tokenizer, ma
             continue
         examples.append(Example(ids, labels))
     return examples, {"cut": cut, "dropped": dropped}
-
-
-def cut_to(ids: list[int], mask: list[bool], n: int) -> tuple[list[int], list[bool]]:
-    """The example cut to n tokens so that as much of the response as possible stays: the
-    prompt loses tokens from its start (its last token, which predicts the response's first,
-    is kept), then the response from its end."""
-    prompt = mask.index(True) if True in mask else len(ids)
-    start = min(len(ids) - n, max(prompt - 1, 0))
-    return ids[start:start + n], mask[start:start + n]
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
