@@ -188,10 +188,6 @@ def sft_cfg(base: Path, *overrides: str) -> SFTConfig:
         "--sft.max_new_tokens=8", *overrides])
 
 
-@pytest.mark.xfail(strict=False, reason="regression seen at the end of session 5, not yet "
-                   "investigated: after 60 steps the tiny model's validation loss falls 0.44 "
-                   "nats (not 0.5) and its greedy answers are empty; it passed before the "
-                   "fused CPU AdamW and the per-stage changes of that session")
 def test_sft_learns_the_task_and_writes_its_outputs(tiny_run: Path, tmp_path: Path) -> None:
     cfg = sft_cfg(tiny_run, "--sft.data=builtin:genre", "--sft.template=chat",
                   "--train.max_steps=60", "--train.lr=3e-3", "--train.eval_every=30")
