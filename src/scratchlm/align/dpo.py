@@ -38,7 +38,7 @@ from scratchlm.align.data import (
     pair_splits,
     resolve_template,
 )
-from scratchlm.config import DPOConfig, DPOSection, save_config
+from scratchlm.config import DPOConfig, DPOSection
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT
 from scratchlm.model.logprobs import IGNORE, sequence_logprobs
@@ -314,8 +314,6 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False, progress: bool = Tr
     del reference
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
     if not objective.before:  # a new run (a resumed one kept them in its checkpoint)
         objective.measure_before(trainer.runtime, splits["test"] or splits["val"])
     b = objective.before

@@ -39,7 +39,7 @@ from scratchlm.align.data import (
     resolve_template,
     split_turn,
 )
-from scratchlm.config import RewardConfig, RewardSection, save_config
+from scratchlm.config import RewardConfig, RewardSection
 from scratchlm.errors import ScratchError
 from scratchlm.finetune.classify import HEAD, class_logits, new_head, set_trainable
 from scratchlm.model.gpt import GPT
@@ -226,9 +226,7 @@ def run_reward(cfg: RewardConfig, out: Path, resume: bool = False, progress: boo
                                 (max_length, max_prompt), stats)
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
-    trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
+    trainable = trainer.trainable_parameters
     print0(f"[reward] training {trainable:,} parameters ({section.trainable}), "
            f"{trainer.max_steps} steps of {trainer.global_batch} pairs")
     return trainer.run()

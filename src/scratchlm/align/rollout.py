@@ -37,7 +37,7 @@ from torch import nn
 from scratchlm.align.common import StepMeter, disable_dropout, load_reference, md_cell
 from scratchlm.align.data import Messages, Seq, collate_sequences, prompt_splits, resolve_template
 from scratchlm.align.rewards import RewardSource
-from scratchlm.config import RolloutSection, save_config
+from scratchlm.config import RolloutSection
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT
 from scratchlm.model.logprobs import IGNORE, token_logprobs
@@ -427,8 +427,6 @@ def run_rl(cfg, section, make_objective, out: Path, resume: bool, progress: bool
     objective.measure_before(split)
     trainer = Trainer(cfg.train, cfg.parallel, policy, objective, out, cfg, tokenizer, resume,
                       progress, dist_info)
-    if dist_info.is_main:
-        save_config(cfg, out / "config.yaml")
     b = objective.before
     print0(f"[{tag}] {source}: {template.name} template, reward {reward.name}; prompts "
            + ", ".join(f"{k} {len(v):,}" for k, v in prompts.items())

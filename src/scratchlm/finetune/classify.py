@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.config import ClassifyConfig, ClassifySection, save_config
+from scratchlm.config import ClassifyConfig, ClassifySection
 from scratchlm.data.records import read_records
 from scratchlm.data.tasks import BUILTIN_CLASSIFY, builtin_task
 from scratchlm.errors import ScratchError
@@ -366,9 +366,7 @@ def run_classify(cfg: ClassifyConfig, out: Path, resume: bool = False,
     objective = ClassifyObjective(model, data, labels, section, pad_id, max_length, cut)
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
-    trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
+    trainable = trainer.trainable_parameters
     print0(f"[classify] training {trainable:,} parameters ({section.trainable}), "
            f"{trainer.max_steps} steps of {trainer.global_batch} examples")
     return trainer.run()

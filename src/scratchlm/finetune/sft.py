@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from scratchlm.config import SFTConfig, SFTSection, save_config
+from scratchlm.config import SFTConfig, SFTSection
 from scratchlm.data.records import read_records
 from scratchlm.data.tasks import instruction_task
 from scratchlm.errors import ScratchError
@@ -326,9 +326,7 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False, progress: bool = Tr
     objective = SFTObjective(data, convs["test"], tokenizer, template, section, pad_id, stats)
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
-    trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
+    trainable = trainer.trainable_parameters
     print0(f"[sft] training {trainable:,} of {model.num_params():,} parameters, "
            f"{trainer.max_steps} steps of {trainer.global_batch} examples")
     return trainer.run()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from scratchlm.config import Config, save_config, to_dict
+from scratchlm.config import Config, to_dict
 from scratchlm.data.builtin import BUILTIN_NAME, split_inputs
 from scratchlm.data.loader import TokenLoader, iter_eval_windows, read_manifest
 from scratchlm.data.prepare import MANIFEST, prepare, tokenizer_fingerprint
@@ -218,8 +218,6 @@ def run_pretraining(cfg: Config, out: Path, resume: bool = False, progress: bool
     print0(model.summary())
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
     layout = f" (dp {dist.dp} x tp {dist.tp} x pp {dist.pp}, ZeRO-{trainer.runtime.zero})" \
         if dist.world_size > 1 else ""
     print0(f"[train] {trainer.precision} on {trainer.device} x {dist.world_size} process(es)"

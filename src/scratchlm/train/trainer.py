@@ -158,10 +158,17 @@ class Trainer:
         self.logger = MetricsLogger(out, resume) if self.main else None
         if resume:
             self._resume()
+        if self.main:  # the run's resolved config, once a resume was not refused (every stage)
+            save_config(run_cfg, out / "config.yaml")
 
     @property
     def model(self) -> GPT:
         return self.module.model
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Parameters the optimizer updates (all but the frozen ones)."""
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
     # --------------------------------------------------------------------------------------------
 
