@@ -367,7 +367,8 @@ def run_classify(cfg: ClassifyConfig, out: Path, resume: bool = False,
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
     trainable = trainer.trainable_parameters
-    print0(f"[classify] training {trainable:,} parameters ({section.trainable}), "
+    what = f"LoRA rank {cfg.lora.rank} + head" if cfg.lora.rank else section.trainable
+    print0(f"[classify] training {trainable:,} parameters ({what}), "
            f"{trainer.max_steps} steps of {trainer.global_batch} examples")
     return trainer.run()
 
