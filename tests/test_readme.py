@@ -38,7 +38,7 @@ PRELUDE = """set -euo pipefail
 make() {
   case "$1" in
     demo) scratchlm demo ;;
-    test) echo "make test: this suite itself, not run again" ;;
+    test|test-slow|test-all) echo "make $1: this suite itself, not run again" ;;
     *) command make "$@" ;;
   esac
 }
