@@ -2,12 +2,15 @@
 
   python bench/bench_pretrain.py [--sections budget,gpt2,side,ablation] [--threads N]
         side: [--shapes cpu,baby] [--compile] [--steps 20] [--repeats 3] [--baby-batch 64]
-        ablation: [--ablation-budget 60 | --ablation-steps N] [--vocab 1024] [--set=--K=V]
+        ablation: [--ablation-budget 60 | --ablation-steps N] [--vocab 1024]
+        budget, ablation: [--recipe YAML] [--set=--K=V]; budget: [--corpora shakespeare,austen]
   (or `make bench`)
 
-1. budget: quality per compute: configs/shakespeare-10min.yaml trained for its 10-minute budget
-   on the first 90% of Tiny Shakespeare (tokenizer included), validation bits per byte on the
-   last 10% (nanoGPT's split).
+1. budget: quality per compute: configs/shakespeare-10min.yaml (or --recipe) trained for its
+   10-minute budget on the first 90% of Tiny Shakespeare (tokenizer included), validation bits
+   per byte on the last 10% (nanoGPT's split); `--corpora shakespeare,austen` adds the same
+   recipe on the six Austen novels (joined in name order, the same 90/10 cut), a text the
+   recipe was not tuned on.
 2. gpt2: throughput and MFU of gpt2-124m shapes (GPT-2's own tokenizer, the built-in corpus),
    fp32, against the measured fp32 matmul peak.
 3. side: tokens/s side by side with nanoGPT's model and training step (written down below as
@@ -316,9 +319,21 @@ def side_by_side(args, tmp: Path) -> list[dict]:
 # the recipe: a 10-minute budget, and the levers' ablation
 
 
-def shakespeare_split(tmp: Path) -> list[str]:
-    """The first 90% of Tiny Shakespeare to train on, the last 10% held out (nanoGPT's)."""
-    text = (data_dir() / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+def corpus_text(corpus: str) -> str:
+    """Tiny Shakespeare, or the six Austen novels of ../shared/data joined in name order."""
+    if corpus == "shakespeare":
+        return (data_dir() / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    if corpus == "austen":
+        novels = sorted((data_dir() / "corpus" / "austen").glob("*.txt"))
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in novels)
+    raise SystemExit(f"unknown corpus {corpus!r}: choose shakespeare or austen")
+
+
+def corpus_split(tmp: Path, corpus: str = "shakespeare") -> list[str]:
+    """The first 90% of the text to train on (tokenizer included), the last 10% held out:
+    nanoGPT's split of Tiny Shakespeare; for Austen the held-out part is most of the last
+    novel by name (Sense and Sensibility)."""
+    text = corpus_text(corpus)
     cut = int(len(text) * 0.9)
     (tmp / "train.txt").write_text(text[:cut], encoding="utf-8")
     (tmp / "val.txt").write_text(text[cut:], encoding="utf-8")
@@ -331,10 +346,14 @@ def best_bpb(run: Path) -> tuple[float | None, list]:
     return (min(b for *_, b in curve) if curve else None), curve
 
 
-def budget_run(tmp: Path) -> dict:
-    cfg = load_config(Config, RECIPE, shakespeare_split(tmp))
+def budget_run(tmp: Path, recipe: Path, corpus: str, overrides: list[str]) -> dict:
+    cfg = load_config(Config, recipe, corpus_split(tmp, corpus) + overrides)
     summary = run_pretraining(cfg, tmp / "run", progress=False)
     summary["best_bpb"], summary["curve"] = best_bpb(tmp / "run")
+    summary.update(recipe=recipe.name, corpus=corpus, overrides=overrides,
+                   load_average=os.getloadavg()[0])
+    print(f"  {recipe.name} on {corpus}: {summary['best_bpb']:.3f} bits/byte, "
+          f"{summary['steps']} steps", flush=True)
     return summary
 
 
@@ -357,8 +376,8 @@ ALL = [f for flags in LEVERS.values() for f in flags if "tie_embeddings" not in 
 
 def ablation(args, tmp: Path) -> list[dict]:
     """Every row on the same tokenizer and shards, each for `args.ablation_budget` seconds."""
-    split = shakespeare_split(tmp)
-    base = load_config(Config, RECIPE, split + [f"--tokenizer.vocab_size={args.vocab}"])
+    split = corpus_split(tmp)
+    base = load_config(Config, args.recipe, split + [f"--tokenizer.vocab_size={args.vocab}"])
     tok_dir = ensure_tokenizer(base, tmp, progress=False)
     shards = ensure_data(base, tmp, tok_dir, progress=False)
     # A fixed number of steps instead of the budget compares the levers per step, which a
@@ -370,7 +389,7 @@ def ablation(args, tmp: Path) -> list[dict]:
                       "--train.eval_batches=20", *length, *args.set]
     rows = []
     for i, (name, flags) in enumerate({**LEVERS, "all of the above (tied head)": ALL}.items()):
-        cfg = load_config(Config, RECIPE, common + flags)
+        cfg = load_config(Config, args.recipe, common + flags)
         summary = run_pretraining(cfg, tmp / f"ablation-{i}", progress=False)
         bpb, curve = best_bpb(tmp / f"ablation-{i}")
         rows.append({"lever": name, "flags": flags, "best_bpb": bpb, "steps": summary["steps"],
@@ -399,12 +418,14 @@ def throughput_run(tmp: Path) -> dict:
 
 def report(results: dict, args) -> None:
     if "budget" in results:
-        b = results["budget"]
-        print("\nQuality per compute (configs/shakespeare-10min.yaml, 10-minute budget):\n")
-        print("| steps | tokens | wall time | best val bits/byte |")
-        print("|---|---|---|---|")
-        print(f"| {b['steps']} | {b['tokens']:,} | {b['seconds']:.0f} s | "
-              f"**{b['best_bpb']:.3f}** |")
+        print("\nQuality per compute (the recipe's time budget; first 90% / last 10%):\n")
+        print("| recipe | corpus | steps | tokens | wall time | best val bits/byte "
+              "| load average |")
+        print("|---|---|---|---|---|---|---|")
+        for b in results["budget"]:
+            name = b["recipe"] + (f" {' '.join(b['overrides'])}" if b["overrides"] else "")
+            print(f"| {name} | {b['corpus']} | {b['steps']} | {b['tokens']:,} | "
+                  f"{b['seconds']:.0f} s | **{b['best_bpb']:.3f}** | {b['load_average']:.1f} |")
     if "gpt2_124m" in results:
         g = results["gpt2_124m"]
         print("\ngpt2-124m shapes, fp32, CPU, 4 x 512 tokens per step:\n")
@@ -455,9 +476,13 @@ def main() -> None:
                    help="ablation: seconds per row")
     p.add_argument("--ablation-steps", type=int, default=0,
                    help="ablation: a fixed number of steps per row instead of the budget")
+    p.add_argument("--recipe", type=Path, default=RECIPE,
+                   help="budget, ablation: the recipe (default configs/shakespeare-10min.yaml)")
+    p.add_argument("--corpora", default="shakespeare",
+                   help="budget: comma-separated corpora, shakespeare and/or austen")
     p.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
-                   help="ablation: an override of the recipe for every row (repeatable), "
-                        "e.g. --set=--model.n_layer=2 for a smaller shape on a busy machine")
+                   help="budget, ablation: an override of the recipe for every run "
+                        "(repeatable), e.g. --set=--model.n_layer=2 for a smaller shape")
     p.add_argument("--eval-every", type=int, default=50, help="ablation: steps per eval")
     p.add_argument("--vocab", type=int, default=1024, help="ablation: tokenizer size")
     p.add_argument("--threads", type=int, default=0,
@@ -477,8 +502,11 @@ def main() -> None:
         if "ablation" in sections:
             results["ablation"] = ablation(args, tmp)
         if "budget" in sections:
-            (tmp / "budget").mkdir()
-            results["budget"] = budget_run(tmp / "budget")
+            results["budget"] = []
+            for i, corpus in enumerate(args.corpora.split(",")):
+                (tmp / f"budget-{i}").mkdir()
+                results["budget"].append(budget_run(tmp / f"budget-{i}", args.recipe, corpus,
+                                                    args.set))
         if "gpt2" in sections:
             results["gpt2_124m"] = throughput_run(tmp)
     report(results, args)
