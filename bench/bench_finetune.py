@@ -45,7 +45,7 @@ from scratchlm.utils import data_dir
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("sms", "genre", "lora", "sft", "instruct")
 
-# The SMS recipe, chosen on the validation split only (see --sweep and the README): the whole
+# The SMS recipe, chosen on the validation split only (`--sweep` reruns the grid): the whole
 # model trains, the head reads the mean of the real tokens' states.
 SMS = ["--classify.balance=undersample", "--classify.trainable=all", "--classify.pooling=mean",
        "--train.lr=3e-4", "--train.epochs=4"]

@@ -3,14 +3,16 @@
   python bench/bench_pretrain.py [--sections budget,gpt2,side,ablation] [--threads N]
         side: [--shapes cpu,baby] [--compile] [--steps 20] [--repeats 3] [--baby-batch 64]
         ablation: [--ablation-budget 60 | --ablation-steps N] [--vocab 1024]
-        budget, ablation: [--recipe YAML] [--set=--K=V]; budget: [--corpora shakespeare,austen]
+        budget, ablation: [--recipe YAML] [--set=--K=V]
+        budget: [--corpora shakespeare,austen] [--former]
   (or `make bench`)
 
 1. budget: quality per compute: configs/shakespeare-10min.yaml (or --recipe) trained for its
    10-minute budget on the first 90% of Tiny Shakespeare (tokenizer included), validation bits
    per byte on the last 10% (nanoGPT's split); `--corpora shakespeare,austen` adds the same
    recipe on the six Austen novels (joined in name order, the same 90/10 cut), a text the
-   recipe was not tuned on.
+   recipe was not tuned on; `--former` runs the recipe as it was before issue 17's levers
+   beside it (FORMER below).
 2. gpt2: throughput and MFU of gpt2-124m shapes (GPT-2's own tokenizer, the built-in corpus),
    fp32, against the measured fp32 matmul peak.
 3. side: tokens/s side by side with nanoGPT's model and training step (written down below as
@@ -21,9 +23,9 @@
    scratchlm's row is its real training step (Trainer.train_step: clipping, schedule, AdamW
    foreach, its host syncs); data loading is left out of both. `--compile` adds the
    torch.compile rows of both.
-4. ablation: the 10-minute recipe at a short budget (`--ablation-budget` seconds, or a fixed
-   `--ablation-steps`, which a busy machine cannot skew) with each lever of issue 17
-   switched on alone, and all together; best validation bits per byte, all rows in one run
+4. ablation: the former 10-minute recipe at a short budget (`--ablation-budget` seconds, or a
+   fixed `--ablation-steps`, which a busy machine cannot skew) with each lever of issue 17
+   switched on alone, and today's recipe; best validation bits per byte, all rows in one run
    of the bench on one tokenizer and one set of shards, so that they are comparable.
 Prints Markdown; writes bench/out/pretrain.json. Figures on a shared machine are only as good
 as its load: the load average is printed beside them.
@@ -357,10 +359,15 @@ def budget_run(tmp: Path, recipe: Path, corpus: str, overrides: list[str]) -> di
     return summary
 
 
-# Each lever of issue 17 as overrides of the recipe (its lrs: nanochat's and modded-nanogpt's
-# small-model settings, not tuned here).
+# The recipe before issue 17's levers (AdamW, SwiGLU, tied head, warm-up + cosine over 900
+# steps, on the clock), as overrides of today's: the ablation's baseline and `--former`.
+FORMER = ["--train.optimizer=adamw", "--train.schedule=cosine", "--model.qk_norm=false",
+          "--model.mlp=swiglu", "--model.tie_embeddings=true", "--train.head_lr=0",
+          "--train.max_steps=900", "--train.warmup_fraction=0", "--train.warmup_steps=50"]
+# Each lever of issue 17 switched on alone over the former recipe (its lrs: nanochat's and
+# modded-nanogpt's small-model settings, not tuned here); the last row is today's recipe.
 LEVERS = {
-    "baseline (recipe as is: AdamW, warmup + cosine)": [],
+    "baseline (former recipe: AdamW, warmup + cosine)": [],
     "Muon for block matrices (muon_lr 0.02)": ["--train.optimizer=muon"],
     "warmup-stable-decay (last 30% linear)": ["--train.schedule=wsd",
                                               "--train.decay_fraction=0.3"],
@@ -370,8 +377,6 @@ LEVERS = {
     "zero-init output projections": ["--model.zero_init=true"],
     "untied head, head_lr 0.004": ["--model.tie_embeddings=false", "--train.head_lr=0.004"],
 }
-ALL = [f for flags in LEVERS.values() for f in flags if "tie_embeddings" not in f
-       and "head_lr" not in f]
 
 
 def ablation(args, tmp: Path) -> list[dict]:
@@ -388,7 +393,9 @@ def ablation(args, tmp: Path) -> list[dict]:
                       f"--data.shards={shards}", f"--train.eval_every={args.eval_every}",
                       "--train.eval_batches=20", *length, *args.set]
     rows = []
-    for i, (name, flags) in enumerate({**LEVERS, "all of the above (tied head)": ALL}.items()):
+    rows_flags = {**{name: FORMER + flags for name, flags in LEVERS.items()},
+                  f"today's recipe ({args.recipe.name})": []}
+    for i, (name, flags) in enumerate(rows_flags.items()):
         cfg = load_config(Config, args.recipe, common + flags)
         summary = run_pretraining(cfg, tmp / f"ablation-{i}", progress=False)
         bpb, curve = best_bpb(tmp / f"ablation-{i}")
@@ -423,7 +430,10 @@ def report(results: dict, args) -> None:
               "| load average |")
         print("|---|---|---|---|---|---|---|")
         for b in results["budget"]:
-            name = b["recipe"] + (f" {' '.join(b['overrides'])}" if b["overrides"] else "")
+            former = b["overrides"][:len(FORMER)] == FORMER
+            name = "former recipe" if former else b["recipe"]
+            extra = b["overrides"][len(FORMER):] if former else b["overrides"]
+            name += f" {' '.join(extra)}" if extra else ""
             print(f"| {name} | {b['corpus']} | {b['steps']} | {b['tokens']:,} | "
                   f"{b['seconds']:.0f} s | **{b['best_bpb']:.3f}** | {b['load_average']:.1f} |")
     if "gpt2_124m" in results:
@@ -478,6 +488,8 @@ def main() -> None:
                    help="ablation: a fixed number of steps per row instead of the budget")
     p.add_argument("--recipe", type=Path, default=RECIPE,
                    help="budget, ablation: the recipe (default configs/shakespeare-10min.yaml)")
+    p.add_argument("--former", action="store_true",
+                   help="budget: also run the recipe as it was before issue 17's levers")
     p.add_argument("--corpora", default="shakespeare",
                    help="budget: comma-separated corpora, shakespeare and/or austen")
     p.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
@@ -503,10 +515,12 @@ def main() -> None:
             results["ablation"] = ablation(args, tmp)
         if "budget" in sections:
             results["budget"] = []
+            variants = [args.set] + ([FORMER + args.set] if args.former else [])
             for i, corpus in enumerate(args.corpora.split(",")):
-                (tmp / f"budget-{i}").mkdir()
-                results["budget"].append(budget_run(tmp / f"budget-{i}", args.recipe, corpus,
-                                                    args.set))
+                for j, overrides in enumerate(variants):
+                    (tmp / f"budget-{i}-{j}").mkdir()
+                    results["budget"].append(budget_run(tmp / f"budget-{i}-{j}", args.recipe,
+                                                        corpus, overrides))
         if "gpt2" in sections:
             results["gpt2_124m"] = throughput_run(tmp)
     report(results, args)
