@@ -348,13 +348,13 @@ def best_bpb(run: Path) -> tuple[float | None, list]:
     return (min(b for *_, b in curve) if curve else None), curve
 
 
-def budget_run(tmp: Path, recipe: Path, corpus: str, overrides: list[str]) -> dict:
+def budget_run(tmp: Path, recipe: Path, corpus: str, overrides: list[str], label: str) -> dict:
     cfg = load_config(Config, recipe, corpus_split(tmp, corpus) + overrides)
     summary = run_pretraining(cfg, tmp / "run", progress=False)
     summary["best_bpb"], summary["curve"] = best_bpb(tmp / "run")
-    summary.update(recipe=recipe.name, corpus=corpus, overrides=overrides,
+    summary.update(recipe=label, corpus=corpus, overrides=overrides,
                    load_average=os.getloadavg()[0])
-    print(f"  {recipe.name} on {corpus}: {summary['best_bpb']:.3f} bits/byte, "
+    print(f"  {label} on {corpus}: {summary['best_bpb']:.3f} bits/byte, "
           f"{summary['steps']} steps", flush=True)
     return summary
 
@@ -430,11 +430,7 @@ def report(results: dict, args) -> None:
               "| load average |")
         print("|---|---|---|---|---|---|---|")
         for b in results["budget"]:
-            former = b["overrides"][:len(FORMER)] == FORMER
-            name = "former recipe" if former else b["recipe"]
-            extra = b["overrides"][len(FORMER):] if former else b["overrides"]
-            name += f" {' '.join(extra)}" if extra else ""
-            print(f"| {name} | {b['corpus']} | {b['steps']} | {b['tokens']:,} | "
+            print(f"| {b['recipe']} | {b['corpus']} | {b['steps']} | {b['tokens']:,} | "
                   f"{b['seconds']:.0f} s | **{b['best_bpb']:.3f}** | {b['load_average']:.1f} |")
     if "gpt2_124m" in results:
         g = results["gpt2_124m"]
@@ -515,12 +511,16 @@ def main() -> None:
             results["ablation"] = ablation(args, tmp)
         if "budget" in sections:
             results["budget"] = []
-            variants = [args.set] + ([FORMER + args.set] if args.former else [])
+            label = args.recipe.name + "".join(f" {o}" for o in args.set)
+            variants = {label: args.set}
+            if args.former:
+                variants["former recipe" + label.removeprefix(args.recipe.name)] = \
+                    FORMER + args.set
             for i, corpus in enumerate(args.corpora.split(",")):
-                for j, overrides in enumerate(variants):
+                for j, (name, overrides) in enumerate(variants.items()):
                     (tmp / f"budget-{i}-{j}").mkdir()
                     results["budget"].append(budget_run(tmp / f"budget-{i}-{j}", args.recipe,
-                                                        corpus, overrides))
+                                                        corpus, overrides, name))
         if "gpt2" in sections:
             results["gpt2_124m"] = throughput_run(tmp)
     report(results, args)
