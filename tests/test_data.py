@@ -336,8 +336,11 @@ def test_prepare_counts_and_shards(tmp_path: Path, tok_dir: Path, shared_data: P
         prepare([corpus], tok_dir, tmp_path / "d", cfg, progress=False)
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
 def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_data: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                       monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """Killed as the fourth shard is finished: before its rename, or after it but before the
+    state that records it is saved (the state then counts it as partial)."""
     corpus = [shared_data / "corpus" / "austen" / f for f in ("persuasion.txt",
                                                              "northangerabbey.txt")]
     cfg = DataConfig(separator="\n\n", workers=1, filters=books(),
@@ -347,6 +350,8 @@ def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_dat
 
     def crash_after_three(shard):
         if len(calls) == 3:
+            if when == "after":
+                real_finish(shard)
             raise KeyboardInterrupt  # as if the process died here
         calls.append(shard.path)
         return real_finish(shard)

@@ -213,7 +213,13 @@ class ShardWriter:
     def restore(self, state: dict) -> None:
         self.shards = state["shards"]
         if state["partial"]:
-            self.current = ShardFile(self.out / self._name(), self.vocab, keep=state["partial"])
+            path = self.out / self._name()
+            partial = ShardFile.partial_path(path)
+            if not partial.exists() and path.exists():
+                # Killed after this shard was finished but before the state that records it
+                # was saved: the shard's first tokens are the partial ones the state counts.
+                os.replace(path, partial)
+            self.current = ShardFile(path, self.vocab, keep=state["partial"])
 
 
 def finish_shard(shard: ShardFile) -> None:

@@ -54,7 +54,7 @@ class ShardFile:
         tokens, dropping whatever was written after them."""
         self.path, self.vocab_size = path, vocab_size
         self.dtype = token_dtype(vocab_size)
-        self.partial = path.with_name(f".{path.name}.partial")
+        self.partial = self.partial_path(path)
         if keep:
             self.file = open(self.partial, "r+b")
             self.file.truncate(HEADER_BYTES + keep * self.dtype.itemsize)
@@ -63,6 +63,10 @@ class ShardFile:
             self.file = open(self.partial, "w+b")
             self.file.write(b"\0" * HEADER_BYTES)
         self.count = keep
+
+    @staticmethod
+    def partial_path(path: Path) -> Path:
+        return path.with_name(f".{path.name}.partial")
 
     def write(self, tokens: np.ndarray) -> None:
         self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)  # no copy if ready
