@@ -25,7 +25,8 @@
    torch.compile rows of both.
 4. ablation: the former 10-minute recipe at a short budget (`--ablation-budget` seconds, or a
    fixed `--ablation-steps`, which a busy machine cannot skew) with each lever of issue 17
-   switched on alone, and today's recipe; best validation bits per byte, all rows in one run
+   switched on alone (the budget's shape too: context, vocabulary, tokens a step), and today's
+   recipe; best validation bits per byte, all rows in one run
    of the bench on one tokenizer and one set of shards, so that they are comparable.
 Prints Markdown; writes bench/out/pretrain.json. Figures on a shared machine are only as good
 as its load: the load average is printed beside them.
@@ -376,27 +377,43 @@ LEVERS = {
     "logit soft-cap 15": ["--model.logit_softcap=15"],
     "zero-init output projections": ["--model.zero_init=true"],
     "untied head, head_lr 0.004": ["--model.tie_embeddings=false", "--train.head_lr=0.004"],
+    # The budget's shape: the same 4,096 tokens a step in shorter rows, a larger vocabulary
+    # (more bytes a token, a larger head), half the tokens a step (twice the steps).
+    "context 128 (32 rows a step)": ["--model.block_size=128", "--train.micro_batch=32"],
+    "tokenizer 2,048": ["--tokenizer.vocab_size=2048"],
+    "2,048 tokens a step": ["--train.global_batch_tokens=2048", "--train.micro_batch=8"],
 }
 
 
 def ablation(args, tmp: Path) -> list[dict]:
-    """Every row on the same tokenizer and shards, each for `args.ablation_budget` seconds."""
+    """Every row on the same tokenizer and shards (one set per vocabulary size), each for
+    `args.ablation_budget` seconds."""
     split = corpus_split(tmp)
-    base = load_config(Config, args.recipe, split + [f"--tokenizer.vocab_size={args.vocab}"])
-    tok_dir = ensure_tokenizer(base, tmp, progress=False)
-    shards = ensure_data(base, tmp, tok_dir, progress=False)
+    prepared: dict[int, list[str]] = {}
+
+    def data(vocab: int) -> list[str]:
+        """The tokenizer and shards of a vocabulary size, built once."""
+        if vocab not in prepared:
+            flags = split + [f"--tokenizer.vocab_size={vocab}"]
+            base = load_config(Config, args.recipe, flags)
+            tok_dir = ensure_tokenizer(base, tmp / f"vocab-{vocab}", progress=False)
+            shards = ensure_data(base, tmp / f"vocab-{vocab}", tok_dir, progress=False)
+            prepared[vocab] = flags + [f"--tokenizer.path={tok_dir}", f"--data.shards={shards}"]
+        return prepared[vocab]
+
     # A fixed number of steps instead of the budget compares the levers per step, which a
     # busy machine cannot skew (tokens/s is then the separate question).
     length = [f"--train.max_steps={args.ablation_steps}", "--train.time_budget_s=0"] \
         if args.ablation_steps else [f"--train.time_budget_s={args.ablation_budget}"]
-    common = split + [f"--tokenizer.vocab_size={args.vocab}", f"--tokenizer.path={tok_dir}",
-                      f"--data.shards={shards}", f"--train.eval_every={args.eval_every}",
-                      "--train.eval_batches=20", *length, *args.set]
+    common = [f"--train.eval_every={args.eval_every}", "--train.eval_batches=20", *length,
+              *args.set]
     rows = []
     rows_flags = {**{name: FORMER + flags for name, flags in LEVERS.items()},
                   f"today's recipe ({args.recipe.name})": []}
     for i, (name, flags) in enumerate(rows_flags.items()):
-        cfg = load_config(Config, args.recipe, common + flags)
+        vocab = next((int(f.split("=")[1]) for f in flags
+                      if f.startswith("--tokenizer.vocab_size=")), args.vocab)
+        cfg = load_config(Config, args.recipe, data(vocab) + common + flags)
         summary = run_pretraining(cfg, tmp / f"ablation-{i}", progress=False)
         bpb, curve = best_bpb(tmp / f"ablation-{i}")
         rows.append({"lever": name, "flags": flags, "best_bpb": bpb, "steps": summary["steps"],

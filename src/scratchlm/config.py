@@ -102,7 +102,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """The decay (cosine, or wsd's cool-down) ends at lr * min_lr_ratio."""
     warmup_steps: int = 100
-    """Steps of linear warmup (see warmup_fraction)."""
+    """Optimizer steps of linear warmup, counted in steps under a time budget too (see
+    warmup_fraction)."""
     warmup_fraction: float = 0.0
     """Warm-up as a share of the run instead of warmup_steps, when > 0: of max_steps, or of
     time_budget_s when that is set."""
@@ -162,7 +163,8 @@ class TrainConfig:
     time_budget_s: float = 0.0
     """Stop after this many seconds of training (0 = no limit). The schedule then follows the
     clock: its position is the larger of steps / max_steps and seconds / time_budget_s, so a
-    slower machine still warms up and cools down within the budget (max_steps is a cap)."""
+    slower machine still cools down within the budget (max_steps is a cap); a warm-up of
+    warmup_steps still counts steps, one of warmup_fraction a share of the budget."""
     pad_vocab_multiple: int = 1
     """Round the model's vocabulary (taken from the tokenizer) up to a multiple of this."""
 

@@ -40,7 +40,7 @@ from scratchlm.train.metrics import (
 )
 from scratchlm.train.objective import Objective, TrainModule
 from scratchlm.train.optim import recipe_groups
-from scratchlm.train.schedule import lr_at, run_position, warmup_length
+from scratchlm.train.schedule import lr_at, run_position, warmup_length, warmup_position
 from scratchlm.utils import atomic_write_text
 
 
@@ -204,7 +204,8 @@ class Trainer:
         position = run_position(self.step, self.max_steps, self.elapsed(), t.time_budget_s)
         lr = lr_at(position, t.lr, warmup_length(t.warmup_steps, t.warmup_fraction,
                                                  self.max_steps),
-                   self.max_steps, t.min_lr_ratio, t.schedule, t.decay_fraction, t.decay_shape)
+                   self.max_steps, t.min_lr_ratio, t.schedule, t.decay_fraction, t.decay_shape,
+                   warmup_position(self.step, position, t.warmup_fraction))
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         norm_value = grad_norm.item()
