@@ -21,7 +21,7 @@
    baby-GPT shape (6 layers, 384 wide, 6 heads, block 256, batch 64): each timed run is
    `--steps` steps after warm-up, runs alternate between the two, median of `--repeats`.
    scratchlm's row is its real training step (Trainer.train_step: clipping, schedule, AdamW
-   foreach, its host syncs); data loading is left out of both. `--compile` adds the
+   fused, its host syncs); data loading is left out of both. `--compile` adds the
    torch.compile rows of both.
 4. ablation: the former 10-minute recipe at a short budget (`--ablation-budget` seconds, or a
    fixed `--ablation-steps`, which a busy machine cannot skew) with each lever of issue 17
@@ -377,12 +377,22 @@ LEVERS = {
     "logit soft-cap 15": ["--model.logit_softcap=15"],
     "zero-init output projections": ["--model.zero_init=true"],
     "untied head, head_lr 0.004": ["--model.tie_embeddings=false", "--train.head_lr=0.004"],
-    # The budget's shape: the same 4,096 tokens a step in shorter rows, a larger vocabulary
-    # (more bytes a token, a larger head), half the tokens a step (twice the steps).
-    "context 128 (32 rows a step)": ["--model.block_size=128", "--train.micro_batch=32"],
-    "tokenizer 2,048": ["--tokenizer.vocab_size=2048"],
-    "2,048 tokens a step": ["--train.global_batch_tokens=2048", "--train.micro_batch=8"],
 }
+
+
+def shape_levers(base: Config, vocab: int) -> dict[str, list[str]]:
+    """The budget's shape, relative to the baseline's: half the context (the same tokens a
+    step in more rows), twice the vocabulary (more bytes a token, a larger head), half the
+    tokens a step (twice the steps)."""
+    block, tokens, micro = (base.model.block_size, base.train.global_batch_tokens,
+                            base.train.micro_batch)
+    return {
+        f"context {block // 2} (same tokens a step)": [f"--model.block_size={block // 2}"],
+        f"tokenizer {2 * vocab:,}": [f"--tokenizer.vocab_size={2 * vocab}"],
+        f"{tokens // 2:,} tokens a step": [
+            f"--train.global_batch_tokens={tokens // 2}",
+            f"--train.micro_batch={min(micro, tokens // 2 // block)}"],
+    }
 
 
 def ablation(args, tmp: Path) -> list[dict]:
@@ -405,15 +415,17 @@ def ablation(args, tmp: Path) -> list[dict]:
     # busy machine cannot skew (tokens/s is then the separate question).
     length = [f"--train.max_steps={args.ablation_steps}", "--train.time_budget_s=0"] \
         if args.ablation_steps else [f"--train.time_budget_s={args.ablation_budget}"]
-    common = [f"--train.eval_every={args.eval_every}", "--train.eval_batches=20", *length,
-              *args.set]
+    common = [f"--train.eval_every={args.eval_every}", "--train.eval_batches=20", *args.set]
     rows = []
-    rows_flags = {**{name: FORMER + flags for name, flags in LEVERS.items()},
+    base = load_config(Config, args.recipe, data(args.vocab) + common + FORMER)
+    levers = {**LEVERS, **shape_levers(base, args.vocab)}
+    rows_flags = {**{name: FORMER + flags for name, flags in levers.items()},
                   f"today's recipe ({args.recipe.name})": []}
     for i, (name, flags) in enumerate(rows_flags.items()):
         vocab = next((int(f.split("=")[1]) for f in flags
                       if f.startswith("--tokenizer.vocab_size=")), args.vocab)
-        cfg = load_config(Config, args.recipe, data(vocab) + common + flags)
+        # The run's length last: FORMER's max_steps must not override it.
+        cfg = load_config(Config, args.recipe, data(vocab) + common + flags + length)
         summary = run_pretraining(cfg, tmp / f"ablation-{i}", progress=False)
         bpb, curve = best_bpb(tmp / f"ablation-{i}")
         rows.append({"lever": name, "flags": flags, "best_bpb": bpb, "steps": summary["steps"],
