@@ -109,17 +109,16 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (B, T, heads * hd) of x (B, T, n_embd). Plain weights are concatenated at
-        run time into one (n_head + 2 n_kv_head) * hd wide matmul: one larger GEMM beats three
-        small ones on a CPU (nanoGPT's fused c_attn), in training too. In training on an
-        accelerator the three stay apart: backward would keep each layer's concatenated
-        weight alive (3 n_embd² values a layer, gigabytes for a 7B model) for GEMMs already
-        large enough. The parameters stay apart for tensor parallelism, whose DTensor weights
-        (like LoRA's hooked layers and int8 ones) take the three calls."""
+        """q, k, v (B, T, heads * hd) of x (B, T, n_embd). Without autograd (generation,
+        evaluation) plain weights are concatenated at run time into one (n_head + 2 n_kv_head)
+        * hd wide matmul: on the CPU one larger GEMM beats three small ones. In training the
+        three stay apart: fused, backward would keep the concatenated weight and the whole
+        q/k/v output alive. The parameters stay apart for tensor parallelism, whose DTensor
+        weights (like LoRA's hooked layers and int8 ones) take the three calls."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         plain = all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
                     and type(m.weight) in (torch.Tensor, nn.Parameter) for m in projs)
-        if not plain or (torch.is_grad_enabled() and x.device.type != "cpu"):
+        if torch.is_grad_enabled() or not plain:
             return tuple(m(x) for m in projs)
         bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projs])
         qkv = F.linear(x, torch.cat([m.weight for m in projs]), bias)
