@@ -360,8 +360,11 @@ def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_dat
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
     assert not (tmp_path / "again" / "manifest.json").exists()
+    # What a kill inside the state's atomic write leaves: its temporary, never renamed.
+    (tmp_path / "again" / f"{prepare_mod.STATE}.k1ll3d.tmp").write_text('{"key": ')
     monkeypatch.setattr(prepare_mod, "finish_shard", real_finish)
     resumed = prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
+    assert not list((tmp_path / "again").glob(".*"))  # no partial, state or temporary left
     assert [s["file"] for s in resumed["shards"]] == [s["file"] for s in whole["shards"]]
     for s in whole["shards"]:
         assert (tmp_path / "whole" / s["file"]).read_bytes() == (

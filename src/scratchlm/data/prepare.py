@@ -349,6 +349,8 @@ def prepare(
     state = _load_state(out, key)
     if state is None:
         _clear_leftovers(out, say=True)
+    for tmp in out.glob(f"{STATE}.*.tmp"):  # a state save that was killed before its rename
+        tmp.unlink(missing_ok=True)
     try:
         return _prepare_local(out, key, state, tok, tokenizer_dir, cfg, named, documents,
                               builtin_only, progress)
