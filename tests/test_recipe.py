@@ -311,17 +311,24 @@ def test_schedule_follows_the_time_budget_with_a_fake_clock() -> None:
     assert run_position(7, total, 1e9, 0.0) == 7  # no budget: steps only
 
 
-def test_trainer_schedule_and_stop_follow_the_clock(small, tmp_path: Path, capsys) -> None:
-    """Through the loop, with a fake clock at 10 s per step and a 40 s budget (max_steps far
-    away): warm-up and cool-down are shares of the budget, and the run stops at 40 s."""
+def clocked_run(small, tmp_path: Path, *flags: str) -> tuple[Trainer, list[dict]]:
+    """A run with a fake clock at 10 s a step (max_steps far away, the last half of the run a
+    cool-down), and its metrics rows."""
     trainer = make_trainer(small, tmp_path, "--train.optimizer=adamw", "--train.max_steps=1000",
-                           "--train.eval_every=0",
-                           "--train.time_budget_s=40", "--train.warmup_fraction=0.25",
-                           "--train.decay_fraction=0.5", "--train.checkpoint_every=0",
-                           "--train.global_batch_tokens=1024")
+                           "--train.eval_every=0", "--train.decay_fraction=0.5",
+                           "--train.checkpoint_every=0", "--train.global_batch_tokens=1024",
+                           *flags)
     trainer.clock = lambda: 10.0 * trainer.step
     trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return trainer, rows
+
+
+def test_trainer_schedule_and_stop_follow_the_clock(small, tmp_path: Path, capsys) -> None:
+    """Through the loop, with a fake clock at 10 s per step and a 40 s budget (max_steps far
+    away): warm-up and cool-down are shares of the budget, and the run stops at 40 s."""
+    trainer, rows = clocked_run(small, tmp_path, "--train.time_budget_s=40",
+                                "--train.warmup_fraction=0.25")
     lr = trainer.cfg.lr
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # Positions 0, 250, 500, 750 of 1000: first warm-up step, peak, peak, halfway down.
@@ -333,16 +340,10 @@ def test_trainer_schedule_and_stop_follow_the_clock(small, tmp_path: Path, capsy
 def test_warmup_steps_count_steps_under_the_clock(small, tmp_path: Path) -> None:
     """A warm-up given in steps is not shortened by a slow clock (a 17-step warm-up instead of
     50 cost the former 10-minute recipe 0.3 bits per byte at step 100): three steps of warm-up
-    take three steps although the clock puts step 1 at a quarter of the budget; the decay
+    take three steps although the clock puts step 1 at a sixth of the budget; the decay
     still follows the clock."""
-    trainer = make_trainer(small, tmp_path, "--train.optimizer=adamw", "--train.max_steps=1000",
-                           "--train.eval_every=0", "--train.time_budget_s=60",
-                           "--train.warmup_steps=3", "--train.schedule=wsd",
-                           "--train.decay_fraction=0.5", "--train.checkpoint_every=0",
-                           "--train.global_batch_tokens=1024")
-    trainer.clock = lambda: 10.0 * trainer.step
-    trainer.run()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trainer, rows = clocked_run(small, tmp_path, "--train.time_budget_s=60",
+                                "--train.warmup_steps=3", "--train.schedule=wsd")
     lr, floor = trainer.cfg.lr, trainer.cfg.lr * trainer.cfg.min_lr_ratio
     # Steps 0-2 warm up (positions 0, 167, 333 of 1000); then positions 500, 667, 833: the
     # cool-down of the last half, from its start.
