@@ -359,6 +359,8 @@ def test_a_few_ppo_steps_raise_a_rule_reward(sft_model: Path, reward_file: Path,
     # take the tiny SFT model from about one comma in 7 responses to more than twice that.
     assert m["after"]["reward"] > 1.5 * m["before"]["reward"] + 0.05, m
     assert m["before"]["kl"] == 0 and 0 < m["after"]["kl"] < 5, m
+    # The validation curve's step 0 (evaluations run on val; before/after on test).
+    assert m["val_before"]["kl"] == 0 and m["val_before"] != m["before"], m
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 24
     for key in ("objective/kl", "objective/entropy", "objective/scores", "policy/clipfrac_avg",

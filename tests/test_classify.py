@@ -20,6 +20,7 @@ from scratchlm.finetune.classify import (
     collate,
     confusion_matrix,
     labelled_splits,
+    lm_loss_per_example,
     new_head,
     run_classify,
 )
@@ -93,6 +94,24 @@ def test_padding_does_not_change_a_texts_logits() -> None:
             torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_auxiliary_lm_loss_is_each_texts_own_mean_next_token_loss() -> None:
+    """classify.lm_weight (GPT-1's auxiliary objective): each example's mean next-token loss
+    over its own tokens, right padding excluded, as if scored alone; a 1-token text adds 0."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt2-tiny")).eval()
+    examples = [Example(torch.randint(1, 512, (n,)).tolist(), 0) for n in (4, 11, 1, 7)]
+    batch = collate(examples, pad_id=0)
+    logits, _ = model(batch["idx"])
+    ours = lm_loss_per_example(logits, batch["idx"], batch["lengths"])
+    for i, e in enumerate(examples):
+        ids = torch.tensor([e.ids])
+        alone = (F.cross_entropy(model(ids)[0][0, :-1], ids[0, 1:]) if len(e.ids) > 1
+                 else torch.tensor(0.0))
+        torch.testing.assert_close(ours[i], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_metrics_against_sklearn_definitions() -> None:
     predicted, gold = [0, 0, 1, 1, 2, 0, 2, 2], [0, 1, 1, 1, 2, 2, 2, 0]
     m = classification_metrics(confusion_matrix(predicted, gold, 3), ["a", "b", "c"])
@@ -147,6 +166,25 @@ def test_sms_spam_learns_and_writes_its_outputs(tiny_run: Path, shared_data: Pat
     clf = Classifier(final)
     label, prob = clf.predict(["WINNER!! You have won a FREE prize, call now to claim"])[0]
     assert label == "spam" and 0.5 < prob <= 1.0
+
+
+def test_the_auxiliary_lm_loss_joins_the_training_loss_only(tiny_run: Path, shared_data: Path,
+                                                           tmp_path: Path) -> None:
+    """With lm_weight the first step's training loss is the classification loss plus the
+    weighted LM loss (both per example); the validation loss stays classification alone."""
+    runs = {}
+    for weight in (0.0, 0.5):
+        cfg = classify_cfg(tiny_run, f"--classify.data={sms(shared_data)}", "--train.max_steps=1",
+                           f"--classify.lm_weight={weight}", "--train.eval_every=1")
+        runs[weight] = run_classify(cfg, tmp_path / str(weight), progress=False)
+    first = {w: json.loads((tmp_path / str(w) / "metrics.jsonl").read_text().splitlines()[0])
+             for w in runs}
+    # Same first batch and head: the difference is 0.5 x the batch's mean LM loss, which for a
+    # tiny Shakespeare model on SMS text lies between a good model's and a random one's.
+    lm = (first[0.5]["loss"] - first[0.0]["loss"]) / 0.5
+    assert 3 < lm < 10, lm
+    val = [runs[w]["metrics"]["val"]["loss"] for w in (0.0, 0.5)]
+    assert val[0] < 1 and abs(val[1] - val[0]) < 0.05, val  # classification alone, no LM term
 
 
 def test_only_what_is_asked_trains(tiny_run: Path, shared_data: Path, tmp_path: Path) -> None:

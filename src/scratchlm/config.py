@@ -317,6 +317,10 @@ class ClassifySection:
     book's recipe); or everything."""
     last_blocks: int = 1
     """Blocks trained with trainable=last."""
+    lm_weight: float = 0.0
+    """Weight of an auxiliary language-model loss on each example's own text, added to the
+    classification loss (GPT-1, Radford et al. 2018, used 0.5); 0 = off. Validation and test
+    losses stay the classification loss alone."""
 
     def __post_init__(self) -> None:
         _require(len(self.split) == 3 and all(f >= 0 for f in self.split)
@@ -327,6 +331,7 @@ class ClassifySection:
                  f"classify.max_length must be > 1, got {self.max_length}")
         _require(self.last_blocks >= 1, f"classify.last_blocks must be >= 1, got "
                  f"{self.last_blocks}")
+        _require(self.lm_weight >= 0, f"classify.lm_weight must be >= 0, got {self.lm_weight}")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from scratchlm.data.records import read_records
 from scratchlm.data.tasks import BUILTIN_CLASSIFY, builtin_task
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT, tied_weights
+from scratchlm.model.logprobs import IGNORE, token_logprobs
 from scratchlm.model.lora import apply_lora, lora_layers
 from scratchlm.parallel import init_distributed, is_main, print0
 from scratchlm.train.objective import ExampleObjective
@@ -162,6 +163,16 @@ def class_logits(model: GPT, head: nn.Module, batch: dict, pooling: str) -> torc
     return head(pool(hidden, batch["lengths"], pooling)).float()
 
 
+def lm_loss_per_example(logits: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor
+                        ) -> torch.Tensor:
+    """(B,) each example's mean next-token loss over its own tokens (padding excluded):
+    logits (B, T, vocab) of ids idx (B, T) right-padded to lengths (B,)."""
+    targets = idx[:, 1:].masked_fill(
+        torch.arange(1, idx.size(1), device=idx.device)[None] >= lengths[:, None], IGNORE)
+    nll = -token_logprobs(logits[:, :-1], targets).sum(1)  # (B,)
+    return nll / (lengths - 1).clamp(min=1)
+
+
 def new_head(model: GPT, n_labels: int) -> nn.Linear:
     # No bias, as Hugging Face's ...ForSequenceClassification `score` layer, so it exports
     # exactly; initialised like the model's own linear layers.
@@ -232,7 +243,7 @@ class ClassifyObjective(ExampleObjective):
         super().__init__(data)
         self.labels, self.truncated = labels, truncated
         self.pad_id, self.max_length = pad_id, max_length
-        self.pooling = section.pooling
+        self.pooling, self.lm_weight = section.pooling, section.lm_weight
         self.extras = {HEAD: new_head(model, len(labels))}
         if not lora_layers(model):  # with LoRA the adapters train, the base stays frozen
             set_trainable(model, section.trainable, section.last_blocks)
@@ -245,8 +256,17 @@ class ClassifyObjective(ExampleObjective):
 
     def loss(self, model: GPT, extras: nn.ModuleDict, batch: dict
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = class_logits(model, extras[HEAD], batch, self.pooling)
-        return F.cross_entropy(logits, batch["labels"], reduction="sum"), batch["labels"].numel()
+        if not self.lm_weight:
+            logits = class_logits(model, extras[HEAD], batch, self.pooling)
+            return (F.cross_entropy(logits, batch["labels"], reduction="sum"),
+                    batch["labels"].numel())
+        # GPT-1's auxiliary objective: the language-model loss of each example's own text,
+        # from the same forward pass, keeps the pretrained features while the head trains.
+        lm_logits, hidden = model(batch["idx"])  # (B, T, vocab), (B, T, C)
+        logits = extras[HEAD](pool(hidden, batch["lengths"], self.pooling)).float()
+        lm = lm_loss_per_example(lm_logits, batch["idx"], batch["lengths"]).sum()
+        return (F.cross_entropy(logits, batch["labels"], reduction="sum") + self.lm_weight * lm,
+                batch["labels"].numel())
 
     def _logits_fn(self, model: GPT, extras: nn.ModuleDict, batch: dict) -> torch.Tensor:
         return class_logits(model, extras[HEAD], batch, self.pooling)
