@@ -66,6 +66,7 @@ SWEEP = [
     ("mean, 4 epochs, lr 3e-4", []),
     ("mean, 4 epochs, lr 1e-4", ["--train.lr=1e-4"]),
     ("mean, 4 epochs, lr 1e-3", ["--train.lr=1e-3"]),
+    ("mean, 4 epochs, lr 3e-4, LM loss 0.5", ["--classify.lm_weight=0.5"]),
 ]
 
 
