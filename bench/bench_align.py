@@ -120,7 +120,8 @@ def quick(overrides: list[str]) -> list[str]:
 
 
 def plot_rl(series: dict[str, list[dict]], path: Path) -> None:
-    """Held-out mean reward and KL to the SFT model at each evaluation, one line per run."""
+    """Held-out mean reward (relative to the SFT model's, so a rule scored 0-1 and a reward
+    model's logits share the axis) and KL to the SFT model at each evaluation, a line a run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,9 +130,11 @@ def plot_rl(series: dict[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for name, points in series.items():
         steps = [p["step"] for p in points]
-        axes[0].plot(steps, [p["val_reward"] for p in points], "o-", ms=3, label=name)
+        start = points[0]["val_reward"]
+        axes[0].plot(steps, [p["val_reward"] / start for p in points], "o-", ms=3, label=name)
         axes[1].plot(steps, [p["val_kl"] for p in points], "o-", ms=3, label=name)
-    for ax, label in zip(axes, ["held-out mean reward", "KL to the SFT model (nats/response)"]):
+    for ax, label in zip(axes, ["held-out mean reward / the SFT model's",
+                                "KL to the SFT model (nats/response)"]):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
