@@ -340,10 +340,10 @@ class RLObjective(Objective):
         return self.held_out("val")
 
     def measure_before(self, split: str) -> None:
-        self.before_val = self.held_out("val") if self.ids["val"] and split != "val" else {}
         self.before = self.held_out(split)
         self.samples_before = self.samples
-        self.before_val = self.before_val or self.before
+        self.before_val = (self.held_out("val") if split != "val" and self.ids["val"]
+                           else self.before)
 
     def state_dict(self) -> dict:
         return {"before": self.before, "before_val": self.before_val,

@@ -256,17 +256,13 @@ class ClassifyObjective(ExampleObjective):
 
     def loss(self, model: GPT, extras: nn.ModuleDict, batch: dict
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.lm_weight:
-            logits = class_logits(model, extras[HEAD], batch, self.pooling)
-            return (F.cross_entropy(logits, batch["labels"], reduction="sum"),
-                    batch["labels"].numel())
-        # GPT-1's auxiliary objective: the language-model loss of each example's own text,
-        # from the same forward pass, keeps the pretrained features while the head trains.
-        lm_logits, hidden = model(batch["idx"])  # (B, T, vocab), (B, T, C)
+        lm_logits, hidden = model(batch["idx"], logits=bool(self.lm_weight))  # (B, T, C)
         logits = extras[HEAD](pool(hidden, batch["lengths"], self.pooling)).float()
-        lm = lm_loss_per_example(lm_logits, batch["idx"], batch["lengths"]).sum()
-        return (F.cross_entropy(logits, batch["labels"], reduction="sum") + self.lm_weight * lm,
-                batch["labels"].numel())
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        if self.lm_weight:  # GPT-1's auxiliary objective, from the same forward pass
+            lm = lm_loss_per_example(lm_logits, batch["idx"], batch["lengths"]).sum()
+            loss = loss + self.lm_weight * lm
+        return loss, batch["labels"].numel()
 
     def _logits_fn(self, model: GPT, extras: nn.ModuleDict, batch: dict) -> torch.Tensor:
         return class_logits(model, extras[HEAD], batch, self.pooling)
