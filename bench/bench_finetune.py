@@ -1,11 +1,11 @@
 """Fine-tuning benchmark (stage 7): classification, instruction tuning (SFT) and LoRA, on this
 machine's CPU.
 
-  python bench/bench_finetune.py [--only sms,genre,lora,sft,instruct] [--sweep]
+  python bench/bench_finetune.py [--only sms,genre,lora,sft,instruct] [--sweep] [--base DIR]
                                                                      (or `make bench`)
 
-Every run starts from the demo model (runs/demo/final, made by `make demo`); where there is
-none, one is pretrained first with configs/demo.yaml into bench/out/finetune-demo/ (about 4
+Every run starts from the demo model (runs/demo/final, made by `make demo`; or --base); where
+there is none, one is pretrained first with configs/demo.yaml into bench/out/finetune-demo/ (about 4
 minutes; reused by later runs).
 
 1. sms: the SMS Spam Collection with the book's protocol (balanced by undersampling, a random
@@ -235,7 +235,7 @@ def part_sms(base: Path, tmp: Path, res: dict) -> None:
     print("| start | test accuracy | test macro-F1 | val accuracy | train accuracy | steps "
           "| wall time |")
     print("|---|---|---|---|---|---|---|")
-    for name, label in (("pretrained", "demo model (pretrained)"),
+    for name, label in (("pretrained", f"pretrained ({base})"),
                         ("random", "random weights, same shape")):
         r = res["sms"][name]
         print(f"| {label} | **{r['test']['accuracy']:.1%}** | {r['test']['macro_f1']:.3f} "
@@ -365,6 +365,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(PARTS),
                     help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     ap.add_argument("--sweep", action="store_true", help="also run the SMS validation grid")
+    ap.add_argument("--base", default=None, help="the pretrained model to start from (default: "
+                    "the `make demo` model, pretrained here where it is missing)")
     args = ap.parse_args()
     parts = [p for p in args.only.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
@@ -375,7 +377,7 @@ def main() -> None:
         print(f"no reference data at {data_dir()} (set SCRATCHLM_DATA): the SMS and "
               "instruction-set parts are skipped")
     start = time.perf_counter()
-    base = base_model()
+    base = Path(args.base) if args.base else base_model()
     res: dict = {"base_model": str(base), "parts": parts}
     with tempfile.TemporaryDirectory() as tmp:
         for part in parts:
