@@ -202,7 +202,7 @@ class RLObjective(Objective):
         self.meter = StepMeter()
         self.loader: RolloutLoader | None = None
         self.before: dict[str, float] = {}
-        self.before_val: dict[str, float] = {}  # the curve's step 0: evaluations are on val
+        self.val_before: dict[str, float] = {}  # the curve's step 0: evaluations are on val
         self.samples: list[dict] = []  # the first held-out responses of the last evaluation
         self.samples_before: list[dict] = []
 
@@ -342,22 +342,22 @@ class RLObjective(Objective):
     def measure_before(self, split: str) -> None:
         self.before = self.held_out(split)
         self.samples_before = self.samples
-        self.before_val = (self.held_out("val") if split != "val" and self.ids["val"]
+        self.val_before = (self.held_out("val") if split != "val" and self.ids["val"]
                            else self.before)
 
     def state_dict(self) -> dict:
-        return {"before": self.before, "before_val": self.before_val,
+        return {"before": self.before, "val_before": self.val_before,
                 "samples_before": self.samples_before}
 
     def load_state_dict(self, state: dict) -> None:
         self.before = state.get("before", {})
-        self.before_val = state.get("before_val", {})
+        self.val_before = state.get("val_before", self.val_before)
         self.samples_before = state.get("samples_before", [])
 
     def finish(self, runtime, out: Path, summary: dict) -> None:
         split = "test" if self.ids["test"] else "val"
         summary["held_out"] = {"split": split, "before": self.before,
-                               "after": self.held_out(split), "val_before": self.before_val}
+                               "after": self.held_out(split), "val_before": self.val_before}
         summary["prompts"] = {k: len(v) for k, v in self.ids.items()}
         if not is_main():
             return

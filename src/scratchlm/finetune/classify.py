@@ -32,7 +32,7 @@ from scratchlm.data.records import read_records
 from scratchlm.data.tasks import BUILTIN_CLASSIFY, builtin_task
 from scratchlm.errors import ScratchError
 from scratchlm.model.gpt import GPT, tied_weights
-from scratchlm.model.logprobs import IGNORE, token_logprobs
+from scratchlm.model.logprobs import IGNORE, sequence_logprobs
 from scratchlm.model.lora import apply_lora, lora_layers
 from scratchlm.parallel import init_distributed, is_main, print0
 from scratchlm.train.objective import ExampleObjective
@@ -169,8 +169,7 @@ def lm_loss_per_example(logits: torch.Tensor, idx: torch.Tensor, lengths: torch.
     logits (B, T, vocab) of ids idx (B, T) right-padded to lengths (B,)."""
     targets = idx[:, 1:].masked_fill(
         torch.arange(1, idx.size(1), device=idx.device)[None] >= lengths[:, None], IGNORE)
-    nll = -token_logprobs(logits[:, :-1], targets).sum(1)  # (B,)
-    return nll / (lengths - 1).clamp(min=1)
+    return -sequence_logprobs(logits[:, :-1], targets, "mean")
 
 
 def new_head(model: GPT, n_labels: int) -> nn.Linear:
