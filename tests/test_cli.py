@@ -84,6 +84,17 @@ def test_train_error_leaves_no_partial_output(tmp_path: Path, monkeypatch, capsy
     assert not (tmp_path / "tok").exists()
 
 
+def test_inputs_refused_before_the_tokenizer_trains(tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    """The built-in corpus and files together cannot be prepared: said before any work."""
+    text = tmp_path / "more.txt"
+    text.write_text("Some modern prose to add.\n")
+    code, _, err = run(["pretrain", "--config", "tiny-cpu", "--out", str(tmp_path / "run"),
+                        f"--data.inputs=[builtin,{text}]"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "either 'builtin' or paths" in err
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
 def test_gpt2_import_export(gpt2_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     assert main(["tokenizer", "import-gpt2", "--gpt2-dir", str(gpt2_dir), "--out",
                  str(tmp_path / "tok")]) == 0

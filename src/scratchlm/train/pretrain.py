@@ -150,10 +150,16 @@ def ensure_tokenizer(cfg: Config, out: Path, progress: bool = True) -> Path:
 
 
 def check_data(cfg: Config, out: Path, tok_dir: Path | None = None) -> None:
-    """Refuse prepared shards in the run directory made with another tokenizer or data
-    config."""
+    """Refuse data inputs the pipeline cannot prepare, and prepared shards in the run directory
+    made with another tokenizer or data config: before the tokenizer trains on them."""
+    if cfg.data.shards:
+        return
+    paths, builtin = split_inputs(cfg.data.inputs)
+    if builtin is not None and paths:
+        raise ScratchError("data.inputs: use either 'builtin' or paths, not both; the "
+                           "built-in corpus is prepared on its own")
     data_dir = out / "data"
-    if cfg.data.shards or not (data_dir / MANIFEST).is_file():
+    if not (data_dir / MANIFEST).is_file():
         return
     manifest = read_manifest(data_dir)
     same_tok = tok_dir is None or \
@@ -172,8 +178,6 @@ def ensure_data(cfg: Config, out: Path, tok_dir: Path, progress: bool = True) ->
         print0(f"[data] reusing {data_dir}")
         return data_dir
     paths, builtin = split_inputs(cfg.data.inputs)
-    if builtin is not None and paths:
-        raise ScratchError("data.inputs: use either 'builtin' or paths, not both")
     print("[data] preparing shards")
     prepare(paths, tok_dir, data_dir, cfg.data, progress=progress, documents=builtin,
             documents_name=BUILTIN_NAME)
