@@ -2,7 +2,7 @@
 machine's CPU.
 
   python bench/bench_finetune.py [--only sms,genre,lora,sft,instruct] [--sweep] [--base DIR]
-                                                                     (or `make bench`)
+                                  [--seeds 1337,1,2,3]               (or `make bench`)
 
 Every run starts from the demo model (runs/demo/final, made by `make demo`; or --base); where
 there is none, one is pretrained first with configs/demo.yaml into bench/out/finetune-demo/ (about 4
@@ -23,6 +23,9 @@ minutes; reused by later runs).
    (the default) and on prompt + response.
 
 --sweep (not part of `make bench`) reruns the validation grid that chose the SMS recipe.
+--seeds (not part of `make bench`) runs the SMS recipe once per fine-tuning seed (the head's
+initialisation and the data order): each run's accuracy, their spread, and the ensemble of the
+runs (their class probabilities averaged).
 Prints Markdown tables (pasted into the README); writes bench/out/finetune.json.
 """
 
@@ -260,6 +263,39 @@ def part_sweep(base: Path, tmp: Path, res: dict) -> None:
               f"| {r['test']['accuracy']:.1%} | {r['wall_s']:.0f} s |")
 
 
+def part_seeds(base: Path, tmp: Path, res: dict, seeds: list[int]) -> None:
+    from scratchlm.config import ClassifySection
+    from scratchlm.finetune.classify import Classifier, labelled_splits
+
+    sms = data_dir() / "sms_spam" / "SMSSpamCollection"
+    runs = {seed: classify(base, [f"--classify.data={sms}", *SMS, f"--train.seed={seed}"],
+                           tmp / f"seed-{seed}") for seed in seeds}
+    # The ensemble: every run's class probabilities averaged, on the same split.
+    splits = labelled_splits(ClassifySection(data=str(sms), balance="undersample"))
+    ensemble = {}
+    for split in ("val", "test"):
+        texts, gold = zip(*splits[split])
+        probs = []
+        for seed in seeds:
+            c = Classifier(tmp / f"seed-{seed}" / "final")
+            probs.append(c.probabilities(list(texts)))
+        mean = torch.stack(probs).mean(0)  # (examples, labels)
+        predicted = [c.labels[i] for i in mean.argmax(-1).tolist()]
+        ensemble[split] = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+    res["seeds"] = {"runs": runs, "ensemble": ensemble}
+    print(f"\nSMS recipe from {base}, one run per fine-tuning seed:\n")
+    print("| fine-tuning seed | test accuracy | val accuracy | val loss |")
+    print("|---|---|---|---|")
+    for seed, r in runs.items():
+        print(f"| {seed} | {r['test']['accuracy']:.1%} | {r['val']['accuracy']:.1%} "
+              f"| {r['val']['loss']:.3f} |")
+    test = [r["test"]["accuracy"] for r in runs.values()]
+    val = [r["val"]["accuracy"] for r in runs.values()]
+    print(f"| mean (min-max) | {statistics.mean(test):.1%} ({min(test):.1%}-{max(test):.1%}) "
+          f"| {statistics.mean(val):.1%} | |")
+    print(f"| ensemble of the {len(seeds)} | {ensemble['test']:.1%} | {ensemble['val']:.1%} | |")
+
+
 def part_genre(base: Path, tmp: Path, res: dict) -> None:
     r = classify(base, ["--classify.data=builtin:genre", *GENRE], tmp / "genre")
     res["genre"] = r
@@ -365,6 +401,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(PARTS),
                     help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     ap.add_argument("--sweep", action="store_true", help="also run the SMS validation grid")
+    ap.add_argument("--seeds", default="", help="comma-separated fine-tuning seeds: the SMS "
+                    "recipe once per seed, and their ensemble")
     ap.add_argument("--base", default=None, help="the pretrained model to start from (default: "
                     "the `make demo` model, pretrained here where it is missing)")
     args = ap.parse_args()
@@ -384,6 +422,8 @@ def main() -> None:
             globals()[f"part_{part}"](base, Path(tmp), res)
         if args.sweep:
             part_sweep(base, Path(tmp), res)
+        if args.seeds and (data_dir() / "sms_spam").is_dir():
+            part_seeds(base, Path(tmp), res, [int(x) for x in args.seeds.split(",")])
     res["wall_s"] = time.perf_counter() - start
     print(f"\nWhole benchmark: {res['wall_s'] / 60:.1f} minutes.")
     results_file.save("finetune", res)
