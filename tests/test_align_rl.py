@@ -433,6 +433,9 @@ def test_ppo_killed_mid_rollout_then_resumed_equals_an_uninterrupted_run(
     whole, killed = sigkill_then_resume(argv, tmp_path, 3, ["model.safetensors",
                                                             "value_head.safetensors"])
     assert losses(killed) == losses(whole)
+    # The resumed session takes the held-out figures before training from the checkpoint.
+    held = [json.loads((d / "summary.json").read_text())["held_out"] for d in (whole, killed)]
+    assert held[0]["before"] == held[1]["before"] and held[0]["val_before"] == held[1]["val_before"]
 
 
 def test_adaptive_kl_controller_by_hand() -> None:

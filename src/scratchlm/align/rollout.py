@@ -43,6 +43,7 @@ from scratchlm.model.gpt import GPT
 from scratchlm.model.logprobs import IGNORE, token_logprobs
 from scratchlm.parallel import init_distributed, is_main, print0
 from scratchlm.templates import Template, save_template
+from scratchlm.train.checkpoint import list_checkpoints
 from scratchlm.train.objective import Objective
 from scratchlm.utils import atomic_write_text
 
@@ -429,7 +430,8 @@ def run_rl(cfg, section, make_objective, out: Path, resume: bool, progress: bool
                            f"train.global_batch ({minibatch}); change rollout.batch or "
                            "train.global_batch")
     split = "test" if objective.ids["test"] else "val"
-    objective.measure_before(split)
+    if not (resume and list_checkpoints(out)):  # a resumed run has them in its checkpoint
+        objective.measure_before(split)  # before the layout wraps the policy
     trainer = Trainer(cfg.train, cfg.parallel, policy, objective, out, cfg, tokenizer, resume,
                       progress, dist_info)
     b = objective.before
