@@ -272,15 +272,12 @@ def part_seeds(base: Path, tmp: Path, res: dict, seeds: list[int]) -> None:
                            tmp / f"seed-{seed}") for seed in seeds}
     # The ensemble: every run's class probabilities averaged, on the same split.
     splits = labelled_splits(ClassifySection(data=str(sms), balance="undersample"))
+    classifiers = [Classifier(tmp / f"seed-{seed}" / "final") for seed in seeds]
     ensemble = {}
     for split in ("val", "test"):
         texts, gold = zip(*splits[split])
-        probs = []
-        for seed in seeds:
-            c = Classifier(tmp / f"seed-{seed}" / "final")
-            probs.append(c.probabilities(list(texts)))
-        mean = torch.stack(probs).mean(0)  # (examples, labels)
-        predicted = [c.labels[i] for i in mean.argmax(-1).tolist()]
+        mean = torch.stack([c.probabilities(list(texts)) for c in classifiers]).mean(0)
+        predicted = [classifiers[0].labels[i] for i in mean.argmax(-1).tolist()]  # (examples,)
         ensemble[split] = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
     res["seeds"] = {"runs": runs, "ensemble": ensemble}
     print(f"\nSMS recipe from {base}, one run per fine-tuning seed:\n")
