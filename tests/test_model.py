@@ -160,6 +160,20 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_dropout_switched_off_everywhere(attention: str) -> None:
+    """A model pretrained with dropout, scored in training mode (DPO, PPO): with its dropout
+    set to 0 a sequence gets the same logits each time, the fused attention's rate included."""
+    from scratchlm.align.common import disable_dropout
+
+    model = GPT(ModelConfig.from_preset("llama-tiny", dropout=0.5, attention=attention)).train()
+    idx = torch.randint(0, 512, (2, 32))
+    assert max_diff(model(idx)[0], model(idx)[0]) > 0.1  # dropout on: two draws differ
+    disable_dropout(model)
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    assert torch.equal(model(idx)[0], model.eval()(idx)[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # Hugging Face transformers, both directions
 

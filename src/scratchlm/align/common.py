@@ -8,15 +8,13 @@ import torch.distributed as dist
 from torch import nn
 
 from scratchlm.errors import ScratchError
-from scratchlm.model.gpt import GPT
+from scratchlm.model.gpt import GPT, set_dropout
 
 
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off (TRL's `disable_dropout`): the log-probs of a sequence must be the same
     each time it is scored, or the policy/reference ratios of DPO and PPO are noise."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    set_dropout(model, 0.0)
 
 
 def md_cell(text: str, width: int = 160) -> str:

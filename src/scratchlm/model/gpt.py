@@ -35,6 +35,16 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
                            f"{vocab_size - 1}); encode the text with the model's own tokenizer")
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of `model` at rate p: the nn.Dropout layers and the rate the fused
+    attention hands to scaled_dot_product_attention, which is no module of its own."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, CausalSelfAttention):
+            m.dropout = p
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32 for stability."""
 
