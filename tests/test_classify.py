@@ -187,6 +187,21 @@ def test_the_auxiliary_lm_loss_joins_the_training_loss_only(tiny_run: Path, shar
     assert val[0] < 1 and abs(val[1] - val[0]) < 0.05, val  # classification alone, no LM term
 
 
+def test_fine_tuning_dropout_applies_to_training_only(tiny_run: Path, shared_data: Path,
+                                                     tmp_path: Path) -> None:
+    """classify.dropout: the same first batch and head give another training loss with dropout
+    on, while evaluation (dropout off) before any update is the same."""
+    first = {}
+    for rate in ("none", "0.5"):
+        extra = [] if rate == "none" else [f"--classify.dropout={rate}"]
+        cfg = classify_cfg(tiny_run, f"--classify.data={sms(shared_data)}", "--train.max_steps=1",
+                           "--train.lr=1e-12", "--train.eval_every=1", *extra)
+        run_classify(cfg, tmp_path / rate, progress=False)
+        first[rate] = json.loads((tmp_path / rate / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["0.5"]["loss"] - first["none"]["loss"]) > 1e-3
+    assert first["0.5"]["val_loss"] == pytest.approx(first["none"]["val_loss"], abs=1e-6)
+
+
 def test_only_what_is_asked_trains(tiny_run: Path, shared_data: Path, tmp_path: Path) -> None:
     """trainable=last: the last block, the final norm and the head change; the rest does not."""
     from safetensors.torch import load_file

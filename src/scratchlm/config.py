@@ -321,6 +321,9 @@ class ClassifySection:
     """Weight of an auxiliary language-model loss on each example's own text, added to the
     classification loss (GPT-1, Radford et al. 2018, used 0.5); 0 = off. Validation and test
     losses stay the classification loss alone."""
+    dropout: float | None = None
+    """Dropout while fine-tuning, at every dropout of the model (attention's included); None
+    keeps the rate the model was pretrained with (its config's)."""
 
     def __post_init__(self) -> None:
         _require(len(self.split) == 3 and all(f >= 0 for f in self.split)
@@ -332,6 +335,8 @@ class ClassifySection:
         _require(self.last_blocks >= 1, f"classify.last_blocks must be >= 1, got "
                  f"{self.last_blocks}")
         _require(self.lm_weight >= 0, f"classify.lm_weight must be >= 0, got {self.lm_weight}")
+        _require(self.dropout is None or 0 <= self.dropout < 1,
+                 f"classify.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

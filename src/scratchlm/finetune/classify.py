@@ -31,7 +31,7 @@ from scratchlm.config import ClassifyConfig, ClassifySection
 from scratchlm.data.records import read_records
 from scratchlm.data.tasks import BUILTIN_CLASSIFY, builtin_task
 from scratchlm.errors import ScratchError
-from scratchlm.model.gpt import GPT, tied_weights
+from scratchlm.model.gpt import GPT, set_dropout, tied_weights
 from scratchlm.model.logprobs import IGNORE, sequence_logprobs
 from scratchlm.model.lora import apply_lora, lora_layers
 from scratchlm.parallel import init_distributed, is_main, print0
@@ -367,6 +367,8 @@ def run_classify(cfg: ClassifyConfig, out: Path, resume: bool = False,
             raise ScratchError(f"the {name} split is empty; give more examples or change "
                                "classify.split")
     model, tokenizer, source = load_pretrained(section.model, tokenizer=section.tokenizer)
+    if section.dropout is not None:
+        set_dropout(model, section.dropout)
     dist = init_distributed(resolve_device(cfg.train.device), cfg.parallel, model.config)
     max_length = min(section.max_length or model.config.block_size, model.config.block_size)
     data, cut = encode_splits(splits, tokenizer, max_length, labels)
