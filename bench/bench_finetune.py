@@ -2,7 +2,7 @@
 machine's CPU.
 
   python bench/bench_finetune.py [--only sms,genre,lora,sft,instruct] [--sweep] [--base DIR]
-                                  [--seeds 1337,1,2,3]               (or `make bench`)
+                                  [--seeds 1337,1,2,3] [--set=--K=V] (or `make bench`)
 
 Every run starts from the demo model (runs/demo/final, made by `make demo`; or --base); where
 there is none, one is pretrained first with configs/demo.yaml into bench/out/finetune-demo/ (about 4
@@ -25,7 +25,7 @@ minutes; reused by later runs).
 --sweep (not part of `make bench`) reruns the validation grid that chose the SMS recipe.
 --seeds (not part of `make bench`) runs the SMS recipe once per fine-tuning seed (the head's
 initialisation and the data order): each run's accuracy, their spread, and the ensemble of the
-runs (their class probabilities averaged).
+runs (their class probabilities averaged). --set adds an override to the SMS recipe.
 Prints Markdown tables (pasted into the README); writes bench/out/finetune.json.
 """
 
@@ -280,7 +280,7 @@ def part_seeds(base: Path, tmp: Path, res: dict, seeds: list[int]) -> None:
         predicted = [classifiers[0].labels[i] for i in mean.argmax(-1).tolist()]  # (examples,)
         ensemble[split] = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
     res["seeds"] = {"runs": runs, "ensemble": ensemble}
-    print(f"\nSMS recipe from {base}, one run per fine-tuning seed:\n")
+    print(f"\nSMS recipe (`{' '.join(SMS)}`) from {base}, one run per fine-tuning seed:\n")
     print("| fine-tuning seed | test accuracy | val accuracy | val loss |")
     print("|---|---|---|---|")
     for seed, r in runs.items():
@@ -400,9 +400,13 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also run the SMS validation grid")
     ap.add_argument("--seeds", default="", help="comma-separated fine-tuning seeds: the SMS "
                     "recipe once per seed, and their ensemble")
+    ap.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                    help="an override added to the SMS recipe (repeatable), e.g. "
+                    "--set=--classify.dropout=0.1")
     ap.add_argument("--base", default=None, help="the pretrained model to start from (default: "
                     "the `make demo` model, pretrained here where it is missing)")
     args = ap.parse_args()
+    SMS.extend(args.set)
     parts = [p for p in args.only.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
     if bad:
