@@ -206,7 +206,7 @@ def read_results(sweep_dir: str | Path) -> list[dict]:
 def run_sweep(cfg: ScalingConfig, out: Path, progress: bool = True) -> list[dict]:
     """Train every run of the grid that is not finished yet; returns all records."""
     from scratchlm.tokenizer import BPETokenizer
-    from scratchlm.train.pretrain import ensure_data, ensure_tokenizer, run_pretraining
+    from scratchlm.train.pretrain import check_data, ensure_data, ensure_tokenizer, run_pretraining
     from scratchlm.train.trainer import run_finished
     from scratchlm.utils import atomic_write_text
 
@@ -215,6 +215,7 @@ def run_sweep(cfg: ScalingConfig, out: Path, progress: bool = True) -> list[dict
         else cfg.tokenizer.vocab_size
     runs = plan_sweep(cfg, vocab)
     _check_sweep_dir(cfg, out)
+    check_data(cfg, out)  # inputs the pipeline cannot prepare: refused before the tokenizer
     save_config(cfg, out / "sweep.yaml")
     tok_dir = ensure_tokenizer(cfg, out, progress)
     data_dir = ensure_data(cfg, out, tok_dir, progress)

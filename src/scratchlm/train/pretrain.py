@@ -172,9 +172,9 @@ def check_data(cfg: Config, out: Path, tok_dir: Path | None = None) -> None:
 def ensure_data(cfg: Config, out: Path, tok_dir: Path, progress: bool = True) -> Path:
     if cfg.data.shards:
         return Path(cfg.data.shards)
+    check_data(cfg, out, tok_dir)
     data_dir = out / "data"
     if (data_dir / MANIFEST).is_file():
-        check_data(cfg, out, tok_dir)
         print0(f"[data] reusing {data_dir}")
         return data_dir
     paths, builtin = split_inputs(cfg.data.inputs)
