@@ -264,14 +264,14 @@ def part_sweep(base: Path, tmp: Path, res: dict) -> None:
 
 
 def part_seeds(base: Path, tmp: Path, res: dict, seeds: list[int]) -> None:
-    from scratchlm.config import ClassifySection
     from scratchlm.finetune.classify import Classifier, labelled_splits
 
     sms = data_dir() / "sms_spam" / "SMSSpamCollection"
-    runs = {seed: classify(base, [f"--classify.data={sms}", *SMS, f"--train.seed={seed}"],
-                           tmp / f"seed-{seed}") for seed in seeds}
-    # The ensemble: every run's class probabilities averaged, on the same split.
-    splits = labelled_splits(ClassifySection(data=str(sms), balance="undersample"))
+    over = [f"--classify.data={sms}", *SMS]
+    runs = {seed: classify(base, [*over, f"--train.seed={seed}"], tmp / f"seed-{seed}")
+            for seed in seeds}
+    # The ensemble: every run's class probabilities averaged, on the split the runs used.
+    splits = labelled_splits(load_config(ClassifyConfig, None, over).classify)
     classifiers = [Classifier(tmp / f"seed-{seed}" / "final") for seed in seeds]
     ensemble = {}
     for split in ("val", "test"):

@@ -367,7 +367,7 @@ def run_classify(cfg: ClassifyConfig, out: Path, resume: bool = False,
             raise ScratchError(f"the {name} split is empty; give more examples or change "
                                "classify.split")
     model, tokenizer, source = load_pretrained(section.model, tokenizer=section.tokenizer)
-    if section.dropout is not None:
+    if section.dropout is not None:  # before LoRA, whose adapters keep lora.dropout
         set_dropout(model, section.dropout)
     dist = init_distributed(resolve_device(cfg.train.device), cfg.parallel, model.config)
     max_length = min(section.max_length or model.config.block_size, model.config.block_size)
