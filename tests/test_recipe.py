@@ -224,6 +224,38 @@ def test_recipe_groups_split_muon_embeddings_head(small) -> None:
         recipe_groups(param_groups(tied_model, 0.1), tied_model, tied.train)
 
 
+def test_layer_decay_lowers_lr_block_by_block(small) -> None:
+    """train.layer_decay: block i of n trains at decay^(n - i) of its kind's lr, the
+    embeddings at decay^(n + 1), the final norm and the head at their own lr; with Muon the
+    matrices keep Muon's lr times the same factor."""
+    decay = 0.5
+    cfg = load_config(Config, ROOT / "configs" / "tiny-cpu.yaml",
+                      flags(small, f"--train.layer_decay={decay}"))
+    model = GPT(dict_replace(cfg.model, vocab_size=320))
+    n, t = model.config.n_layer, cfg.train
+    groups = recipe_groups(param_groups(model, 0.1), model, t)
+    scale = {id(p): (g["use_muon"], g["lr_scale"]) for g in groups for p in g["params"]}
+    assert len(scale) == sum(1 for p in model.parameters() if p.requires_grad)
+    for name, p in model.named_parameters():
+        muon, got = scale[id(p)]
+        if name == "lm_head.weight":
+            want = t.head_lr / t.lr
+        elif name in ("tok_emb.weight", "pos_emb.weight"):
+            want = t.embedding_lr / t.lr * decay ** (n + 1)
+        elif name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            want = (t.muon_lr / t.lr if muon else 1.0) * decay ** (n - i)
+        else:  # the final norm
+            want = 1.0
+        assert got == pytest.approx(want), name
+    # Off (1.0): the groups of the options without it, unchanged.
+    off = load_config(Config, ROOT / "configs" / "tiny-cpu.yaml", flags(small))
+    assert len(recipe_groups(param_groups(model, 0.1), model, off.train)) < len(groups)
+    with pytest.raises(ScratchError, match="layer_decay must be in"):
+        load_config(Config, ROOT / "configs" / "tiny-cpu.yaml",
+                    flags(small, "--train.layer_decay=0"))
+
+
 def test_muon_run_resumes_exactly(small, tmp_path: Path, one_thread) -> None:
     """Every lever on; checkpoint at step 3, run to 6; then resume from step 3: the losses of
     steps 4 to 6 are bitwise those of the run left alone (Muon's momentum and the per-group

@@ -126,6 +126,11 @@ class TrainConfig:
     0 = lr."""
     head_lr: float = 0.0
     """Peak learning rate of an untied output head; 0 = lr."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay (ULMFiT's discriminative fine-tuning; ELECTRA, BEiT):
+    block i of n_layer trains at its lr x layer_decay^(n_layer - i), the embeddings at
+    layer_decay^(n_layer + 1); the final norm, the head and a stage's own modules at their
+    lr. 1 = off."""
     weight_decay: float = 0.1
     """Decoupled weight decay (AdamW's, and Muon's with muon_lr), on weight matrices only
     (see train/optim.py)."""
@@ -192,6 +197,8 @@ class TrainConfig:
                  and self.embedding_lr >= 0 and self.head_lr >= 0,
                  "train.muon_lr must be > 0, train.muon_momentum in [0, 1), "
                  "train.embedding_lr and train.head_lr >= 0 (0 = lr)")
+        _require(0 < self.layer_decay <= 1, f"train.layer_decay must be in (0, 1] (1 = off), "
+                 f"got {self.layer_decay}")
         _require(0 <= self.warmup_fraction < 1 and 0 < self.decay_fraction <= 1,
                  f"train.warmup_fraction must be in [0, 1) and train.decay_fraction in (0, 1], "
                  f"got {self.warmup_fraction} and {self.decay_fraction}")

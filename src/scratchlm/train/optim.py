@@ -10,7 +10,8 @@ tied to the token embedding); none on norms, biases and embeddings.
 `recipe_groups` then applies the loop's optimizer options to a stage's groups: with
 train.optimizer=muon the blocks' weight matrices move to Muon groups (train/muon.py), and
 train.embedding_lr / head_lr give the embeddings and an untied head learning rates of their
-own. Each group's "lr_scale" (its peak lr over train.lr) keeps it on the shared schedule.
+own, and train.layer_decay lowers them block by block toward the input. Each group's
+"lr_scale" (its peak lr over train.lr) keeps it on the shared schedule.
 """
 
 from __future__ import annotations
@@ -43,19 +44,21 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 def recipe_groups(groups: list[dict], module: torch.nn.Module, train) -> list[dict]:
     """A stage's groups (see `param_groups`) split by the optimizer options of `train` (a
     TrainConfig): Muon groups ("use_muon": True) for the 2-D weights inside the blocks when
-    train.optimizer is muon, and the embeddings and an untied head in groups of their own
-    when train.embedding_lr / head_lr are set. Unchanged when none of these is set."""
+    train.optimizer is muon; the embeddings and an untied head in groups of their own when
+    train.embedding_lr / head_lr are set; and one group per depth when train.layer_decay < 1.
+    Unchanged when none of these is set."""
     gpt = getattr(module, "model", module)
     muon = train.optimizer == "muon"
     if train.head_lr and tied_weights(gpt):
         raise ScratchError("train.head_lr: the head is tied to the token embedding "
                            "(model.tie_embeddings), so it trains at train.embedding_lr; "
                            "untie it (--model.tie_embeddings=false) or leave head_lr at 0")
-    if not (muon or train.embedding_lr or train.head_lr):
+    if not (muon or train.embedding_lr or train.head_lr or train.layer_decay < 1):
         return groups
     prefix = "model." if gpt is not module else ""
     embeddings = {prefix + n for n in ("tok_emb.weight", "pos_emb.weight", *tied_weights(gpt))}
     head = f"{prefix}lm_head.weight"
+    n_layer = gpt.config.n_layer
     names = {id(p): n for n, p in module.named_parameters()}
 
     def kind(name: str, p: torch.nn.Parameter) -> str:
@@ -67,17 +70,32 @@ def recipe_groups(groups: list[dict], module: torch.nn.Module, train) -> list[di
             return "muon"
         return "adamw"
 
+    def depth(name: str) -> int:
+        """Layers between the parameter and the output: the embeddings n_layer + 1, block i
+        n_layer - i (its index in the whole model, also in a pipeline stage), the rest 0."""
+        if name in embeddings:
+            return n_layer + 1
+        if name.startswith(f"{prefix}blocks."):
+            return n_layer - int(name.removeprefix(f"{prefix}blocks.").split(".")[0])
+        return 0
+
     # Peak lr of each kind over train.lr: the schedule multiplies it in.
     scales = {"muon": train.muon_lr / train.lr, "adamw": 1.0,
               "embedding": (train.embedding_lr or train.lr) / train.lr,
               "head": (train.head_lr or train.lr) / train.lr}
+    decay = train.layer_decay < 1
     out = []
     for group in groups:
         for k in ("muon", "adamw", "embedding", "head"):
-            params = [p for p in group["params"] if kind(names[id(p)], p) == k]
-            if params:
+            by_depth: dict[int, list] = {}  # in the parameters' order: the same groups each run
+            for p in group["params"]:
+                name = names[id(p)]
+                if kind(name, p) == k:
+                    by_depth.setdefault(depth(name) if decay else 0, []).append(p)
+            for d, params in by_depth.items():
                 out.append({**group, "params": params, "use_muon": k == "muon",
-                            "lr_scale": group.get("lr_scale", 1.0) * scales[k]})
+                            "lr_scale": group.get("lr_scale", 1.0) * scales[k]
+                            * train.layer_decay ** d})
     return out
 
 
