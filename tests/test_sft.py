@@ -271,3 +271,18 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_run: Path, tmp_path: 
 
     sigkill_then_resume(parity_args(tiny_run, "--lora.rank=4"), tmp_path, 3,
                         ["model.safetensors", "adapter.safetensors"])
+
+
+def test_sft_dropout_applies_to_training_only(tiny_run: Path, tmp_path: Path) -> None:
+    """sft.dropout: the same first batch gives another training loss with dropout on, while
+    evaluation (dropout off) before any update is the same."""
+    first = {}
+    for rate in ("none", "0.5"):
+        extra = [] if rate == "none" else [f"--sft.dropout={rate}"]
+        cfg = sft_cfg(tiny_run, "--sft.data=builtin:genre", "--sft.template=chat",
+                      "--train.max_steps=1", "--train.lr=1e-12", "--train.eval_every=1",
+                      "--sft.eval_examples=1", "--sft.max_new_tokens=1", *extra)
+        run_sft(cfg, tmp_path / rate, progress=False)
+        first[rate] = json.loads((tmp_path / rate / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["0.5"]["loss"] - first["none"]["loss"]) > 1e-3
+    assert first["0.5"]["val_loss"] == pytest.approx(first["none"]["val_loss"], abs=1e-6)

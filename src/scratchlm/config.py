@@ -396,12 +396,17 @@ class SFTSection:
     """Test examples to answer by greedy generation at the end (0 = all)."""
     max_new_tokens: int = 96
     """Most tokens of a generated answer."""
+    dropout: float | None = None
+    """Dropout while fine-tuning, at every dropout of the model (attention's included); None
+    keeps the rate the model was pretrained with (its config's)."""
 
     def __post_init__(self) -> None:
         _require(len(self.split) == 3 and all(f >= 0 for f in self.split)
                  and abs(sum(self.split) - 1) < 1e-6 and self.split[0] > 0,
                  f"sft.split must be three fractions summing to 1 (train > 0), got "
                  f"{self.split}")
+        _require(self.dropout is None or 0 <= self.dropout < 1,
+                 f"sft.dropout must be in [0, 1), got {self.dropout}")
         _require(self.max_length is None or self.max_length > 1,
                  f"sft.max_length must be > 1, got {self.max_length}")
         _require(self.eval_examples >= 0 and self.max_new_tokens > 0,

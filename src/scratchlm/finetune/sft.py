@@ -271,6 +271,7 @@ class SFTObjective(ExampleObjective):
 def prepare_model(section: SFTSection, template: Template, lora) -> tuple[GPT, object, Path]:
     """The base model and tokenizer, grown by the template's special tokens, LoRA attached
     when asked for."""
+    from scratchlm.model.gpt import set_dropout
     from scratchlm.model.load import load_pretrained
     from scratchlm.model.lora import apply_lora
     from scratchlm.model.resize import add_special_tokens
@@ -279,6 +280,8 @@ def prepare_model(section: SFTSection, template: Template, lora) -> tuple[GPT, o
     model, tokenizer, added = add_special_tokens(model, tokenizer, list(template.special_tokens))
     if added:
         print0(f"[sft] added {', '.join(added)} to the tokenizer and the embedding")
+    if section.dropout is not None:  # before LoRA, whose adapters keep lora.dropout
+        set_dropout(model, section.dropout)
     if lora.rank:
         apply_lora(model, lora)
     return model, tokenizer, source
