@@ -192,6 +192,7 @@ def bad_pairs(tmp_path: Path, kind: str) -> Path:
                   "which teaches nothing; remove them or pass --dpo.identical=drop"),
     ("empty", "record 3: the rejected response is empty"),
     ("tokenizer", "has another tokenizer than the policy"),
+    ("batch", "fewer than one global batch"),  # refused by the loop, after the reference ran
 ])
 def test_bad_input_is_one_line_and_writes_nothing(kind: str, message: str, sft_model: Path,
                                                   tiny_run: Path, tmp_path: Path,
@@ -200,10 +201,31 @@ def test_bad_input_is_one_line_and_writes_nothing(kind: str, message: str, sft_m
     args = dpo_args(sft_model, out, bad_pairs(tmp_path, kind))
     if kind == "tokenizer":  # the base model lacks the chat tokens the SFT model added
         args += ["--ref-model", str(tiny_run)]
+    if kind == "batch":
+        args += ["--train.micro_batch=64"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_dpo_on_a_lora_model_trains_the_whole_model(tiny_run: Path, pairs_file: Path,
+                                                    tmp_path: Path) -> None:
+    """A LoRA SFT run (its base frozen while it trained) loads as a plain model for DPO, its
+    adapters folded in, every parameter trainable."""
+    from scratchlm.config import SFTConfig, load_config
+    from scratchlm.finetune.sft import run_sft
+
+    cfg = load_config(SFTConfig, None, [
+        f"--sft.model={tiny_run}", "--sft.data=builtin:continue", "--sft.template=chat",
+        "--train.max_steps=2", "--train.epochs=0", "--train.eval_every=0", "--lora.rank=4",
+        "--sft.eval_examples=1", "--sft.max_new_tokens=1"])
+    run_sft(cfg, tmp_path / "sft", progress=False)
+    out = tmp_path / "dpo"
+    assert main(dpo_args(tmp_path / "sft", out, pairs_file, "--train.max_steps=2",
+                         "--train.eval_every=0")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["trainable_parameters"] == summary["parameters"]
 
 
 def test_identical_pairs_can_be_dropped(sft_model: Path, tmp_path: Path, capsys) -> None:

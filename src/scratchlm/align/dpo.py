@@ -303,17 +303,18 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False, progress: bool = Tr
            + f"; over {max_length} tokens: "
            + ", ".join(f"{k} {s['cut']} cut, {s['dropped']} dropped" for k, s in stats.items()))
     live = section.reference == "live"
-    if not live and not (resume and stored_reference(out, data)):
+    computed = not live and not (resume and stored_reference(out, data))
+    if computed:
         for pairs in data.values():
             reference_logps(reference, pairs, pad_id, device)
-        if dist.is_main:
-            atomic_write_text(out / REFERENCE_FILE, json.dumps(
-                {k: [[p.ref_chosen, p.ref_rejected] for p in v] for k, v in data.items()}))
     objective = DPOObjective(data, section, pad_id, reference if live else None, stats)
     objective.tokenizer, objective.template = tokenizer, template
     del reference
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
+    if computed and dist.is_main:  # only once the loop has accepted the run: nothing written
+        atomic_write_text(out / REFERENCE_FILE, json.dumps(  # by a run refused at its start
+            {k: [[p.ref_chosen, p.ref_rejected] for p in v] for k, v in data.items()}))
     if not objective.before:  # a new run (a resumed one kept them in its checkpoint)
         objective.measure_before(trainer.runtime, splits["test"] or splits["val"])
     b = objective.before

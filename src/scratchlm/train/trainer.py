@@ -131,6 +131,9 @@ class Trainer:
         self.n_params = model.num_params()
         self.flops_per_token = functools.partial(flops_per_token, model.config)
         self.module = TrainModule(model, objective)
+        # Counted before a layout shards or splits them (a tied head counted once).
+        self.trainable_parameters = sum(p.numel() for p in self.module.parameters()
+                                        if p.requires_grad)
         self.runtime = parallelize(self.module, self.dist, parallel, self.device,
                                    self.precision, self.accumulation, train.compile,
                                    train.activation_checkpointing)
@@ -164,11 +167,6 @@ class Trainer:
     @property
     def model(self) -> GPT:
         return self.module.model
-
-    @property
-    def trainable_parameters(self) -> int:
-        """Parameters the optimizer updates (all but the frozen ones)."""
-        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
     # --------------------------------------------------------------------------------------------
 
@@ -389,7 +387,8 @@ class Trainer:
                 "mfu": sum(r["mfu"] for r in steady) / max(len(steady), 1),
                 "peak_flops": self.peak, "peak_flops_measured": self.peak_info["how"],
                 "precision": self.precision, "device": self.device,
-                "parameters": self.n_params, "per_rank_bytes": per_rank,
+                "parameters": self.n_params, "trainable_parameters": self.trainable_parameters,
+                "per_rank_bytes": per_rank,
                 "layout": {"dp": self.dist.dp, "tp": self.dist.tp, "pp": self.dist.pp,
                            "zero": self.runtime.zero},
             })
