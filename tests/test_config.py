@@ -82,6 +82,23 @@ def test_bad_files(tmp_path: Path) -> None:
         load_config(Run, tmp_path / "list.yaml")
 
 
+def test_a_stage_lists_its_own_defaults_and_given_steps_beat_its_epochs(tmp_path: Path
+                                                                       ) -> None:
+    from scratchlm.config import ClassifyConfig
+
+    rows = {key: default for key, default, _ in describe(ClassifyConfig)}
+    assert rows["train.epochs"] == "5" and rows["train.lr"] == "5.0e-05"  # not pretraining's
+    # --train.max_steps alone: the run is that long (the stage's default epochs set aside);
+    # with epochs given too, or epochs alone, epochs set the length.
+    assert load_config(ClassifyConfig, None, ["--train.max_steps=5"]).train.epochs == 0
+    both = load_config(ClassifyConfig, None, ["--train.max_steps=5", "--train.epochs=2"])
+    assert both.train.epochs == 2
+    assert load_config(ClassifyConfig, None, []).train.epochs == 5
+    # A saved run's config keeps what it ran with.
+    save_config(both, tmp_path / "run.yaml")
+    assert load_config(ClassifyConfig, tmp_path / "run.yaml").train.epochs == 2
+
+
 def test_save_and_reload_round_trip(tmp_path: Path) -> None:
     cfg = load_config(Config, None, ["--tokenizer.vocab_size=4096", "--tokenizer.pattern=gpt2"])
     save_config(cfg, tmp_path / "cfg.yaml")

@@ -88,7 +88,8 @@ class TrainConfig:
     """Optimizer steps (see also epochs)."""
     epochs: float = 0.0
     """For stages trained on a set of examples: passes over the training set; when > 0 it
-    sets max_steps (rounded up)."""
+    sets max_steps (rounded up). A max_steps given without epochs sets a stage's default
+    epochs to 0."""
     micro_batch: int = 8
     """Sequences (or examples) per forward pass on each process."""
     global_batch: int = 0
@@ -768,16 +769,17 @@ def _as_typed(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf field, for `--help` style listings."""
+def describe(cls: type, prefix: str = "", default: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field, for `--help` style listings. A
+    section's defaults are those its parent gives it (a stage's own train defaults)."""
     rows = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    default = cls()
+    default = cls() if default is None else default
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
-            rows += describe(hints[f.name], key + ".")
+            rows += describe(hints[f.name], key + ".", getattr(default, f.name))
         else:
             rows.append((key, _as_typed(getattr(default, f.name)), docs.get(f.name, "")))
     return rows
@@ -976,6 +978,11 @@ def load_config(
             raise ScratchError(f"config file {path} must be a mapping of sections")
     for arg in overrides:
         _set_dotted(data, *parse_override(arg, cls))
+    train = data.get("train")
+    if isinstance(train, dict) and "max_steps" in train and "epochs" not in train:
+        # Steps asked for and epochs not: the run is max_steps long, whatever number of
+        # epochs the stage defaults to (as max_steps overrides epochs in HF's Trainer).
+        train["epochs"] = 0
     return from_dict(cls, data)
 
 
