@@ -114,3 +114,94 @@ def test_memory_estimator_knows_lora(capsys) -> None:
     assert main(["memory", "--preset", "llama-7b", "--lora-rank", "8", "--seq", "512"]) == 0
     out = capsys.readouterr().out
     assert "LoRA rank 8" in out and "trainable" in out
+
+
+def grown_with_token_rows(tie: bool) -> tuple[GPT, GPT, list[int]]:
+    """(the base, the base grown by four tokens with LoRA and the tokens' rows attached,
+    the new ids): a LoRA SFT model with a template's tokens, before training."""
+    from scratchlm.model.lora import train_token_rows
+    from scratchlm.model.resize import grow
+
+    torch.manual_seed(0)
+    base = GPT(ModelConfig.from_preset("llama-tiny", tie_embeddings=tie))
+    V = base.config.vocab_size
+    model = grow(base, V + 4)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=["attn", "mlp", *([] if tie else
+                                                                             ["head"])]))
+    ids = list(range(V, V + 4))
+    train_token_rows(model, ids)
+    return base, model, ids
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_added_tokens_rows_train_and_load_with_the_adapters(tie: bool, tmp_path: Path) -> None:
+    """The rows of tokens added for a template train beside the adapters (their own AdamW
+    state, nothing for the base vocabulary), the old rows stay bitwise frozen, and the rows
+    save with the adapters and come back on the base (grown to their vocabulary)."""
+    from scratchlm.model.checkpoint import load_model, save_model
+    from scratchlm.model.lora import load_adapter
+
+    base, model, ids = grown_with_token_rows(tie)
+    V, n = base.config.vocab_size, len(ids)
+    emb0, head0 = model.tok_emb.weight.clone(), model.lm_head.weight.clone()
+    idx = torch.randint(0, V + n, (4, 24))
+    idx[:, ::5] = torch.tensor(ids).repeat(4, 5)[:, :idx[:, ::5].size(1)]
+    with torch.no_grad():
+        start = model.eval()(idx)[0]
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"token_rows.emb", *([] if tie else ["token_rows.head"])} == \
+        {name for name in trainable if ".lora." not in name}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        logits = model(idx[:, :-1])[0]
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    held = sum(s["exp_avg"].numel() for s in opt.state.values())  # AdamW's state: no more
+    assert held == sum(lora.a.numel() + lora.b.numel() for lora in lora_layers(model).values()) \
+        + (1 if tie else 2) * n * model.config.n_embd
+    rows = model.token_rows
+    assert not torch.equal(rows.emb, emb0[V:]) and (tie or not torch.equal(rows.head, head0[V:]))
+    assert torch.equal(model.tok_emb.weight, emb0) and torch.equal(model.lm_head.weight, head0)
+    model.eval()
+    with torch.no_grad():
+        trained = model(idx)[0]
+        assert (trained - start)[..., V:].abs().max() > 1e-3  # the new tokens' logits moved
+        save_model(model, tmp_path / "run")
+        assert torch.equal(load_model(tmp_path / "run").eval()(idx)[0], trained)
+        onto = load_adapter(base, tmp_path / "run").eval()  # the adapter on its first base
+        assert onto.config.vocab_size == V + n and torch.equal(onto(idx)[0], trained)
+        assert (bake(onto)(idx)[0] - trained).abs().max() <= 1e-5
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    assert torch.equal(saved["token_rows.emb"], rows.emb)
+    assert torch.equal(load_file(str(tmp_path / "run" / "model.safetensors"))["tok_emb.weight"],
+                       emb0)  # the base saves as it was: its new rows still the initial mean
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_peft_on_our_hf_export_carries_the_added_tokens_rows(tie: bool, tmp_path: Path) -> None:
+    """The Hugging Face export of a LoRA model with trained rows for added tokens holds those
+    rows in its base, so peft's adapters on it give our logits."""
+    import peft
+
+    from scratchlm.model.hf import save_hf
+
+    _, model, ids = grown_with_token_rows(tie)
+    with torch.no_grad():
+        for lora in lora_layers(model).values():
+            lora.b.normal_(std=0.05)
+        model.token_rows.emb.normal_(std=0.1)
+        if not tie:
+            model.token_rows.head.normal_(std=0.1)
+    save_hf(model, tmp_path / "base")
+    save_peft(model, tmp_path / "adapter")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 20))
+    idx[:, ::4] = ids[0]
+    with torch.no_grad():
+        assert (wrapped(idx).logits - model.eval()(idx)[0]).abs().max() <= 1e-4

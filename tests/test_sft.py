@@ -286,3 +286,55 @@ def test_sft_dropout_applies_to_training_only(tiny_run: Path, tmp_path: Path) ->
         first[rate] = json.loads((tmp_path / rate / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["0.5"]["loss"] - first["none"]["loss"]) > 1e-3
     assert first["0.5"]["val_loss"] == pytest.approx(first["none"]["val_loss"], abs=1e-6)
+
+
+def test_lora_sft_trains_the_chat_tokens_rows(tiny_run: Path, tmp_path: Path, monkeypatch,
+                                               capsys) -> None:
+    """With LoRA, the chat template's new tokens' rows train (the base vocabulary's stay
+    bitwise frozen), are counted as trained, save with the adapters, and the saved run (as
+    loaded for chat, and exported for peft) gives the logits of the model in memory."""
+    import peft
+    from safetensors.torch import load_file
+
+    from scratchlm.finetune import sft
+    from scratchlm.model.checkpoint import load_model
+    from scratchlm.model.convert import to_hf_dir
+    from scratchlm.model.load import load_pretrained
+    from scratchlm.model.lora import lora_layers
+
+    kept = {}
+    prepare = sft.prepare_model
+
+    def keep(*args, **kwargs):
+        kept["model"], tok, source = prepare(*args, **kwargs)
+        kept["initial"] = kept["model"].tok_emb.weight.detach().clone()
+        return kept["model"], tok, source
+
+    monkeypatch.setattr(sft, "prepare_model", keep)
+    cfg = sft_cfg(tiny_run, "--sft.data=builtin:genre", "--sft.template=chat",
+                  "--train.max_steps=4", "--train.eval_every=0", "--sft.eval_examples=2",
+                  "--lora.rank=4", "--lora.targets=[attn,mlp]")
+    run_sft(cfg, tmp_path, progress=False)
+    model, initial = kept["model"].eval(), kept["initial"]
+    V, n, d = 2048, 4, model.config.n_embd
+    adapters = sum(lora.a.numel() + lora.b.numel() for lora in lora_layers(model).values())
+    assert f"training {adapters + n * d:,} of" in capsys.readouterr().out
+    base = load_model(tiny_run / "final").tok_emb.weight
+    assert torch.equal(model.tok_emb.weight[:V], base)  # the old rows, bitwise
+    rows = model.token_rows.emb.detach()
+    assert (rows - initial[V:]).abs().amax(1).gt(0).all()  # every new row moved ...
+    assert (rows[:, None] - rows[None]).abs().sum(-1).add(torch.eye(n)).gt(0).all()  # apart
+    final = tmp_path / "final"
+    assert torch.equal(load_file(str(final / "adapter.safetensors"))["token_rows.emb"], rows)
+    idx = torch.tensor([BPETokenizer.load(final).encode(
+        "<|user|>Say hi.<|end|><|assistant|>hi<|end|>", allowed_special="all")])
+    with torch.no_grad():
+        ours = model(idx)[0]
+        assert torch.equal(load_model(final).eval()(idx)[0], ours)
+        chat = load_pretrained(final)[0]  # as `scratchlm chat` loads it: adapters baked in
+        assert (chat(idx)[0] - ours).abs().max() <= 1e-5
+    to_hf_dir(final, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "hf" / "adapter").eval()
+    with torch.no_grad():
+        assert (wrapped(idx).logits - ours).abs().max() <= 1e-4

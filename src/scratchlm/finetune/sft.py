@@ -273,7 +273,7 @@ def prepare_model(section: SFTSection, template: Template, lora) -> tuple[GPT, o
     when asked for."""
     from scratchlm.model.gpt import set_dropout
     from scratchlm.model.load import load_pretrained
-    from scratchlm.model.lora import apply_lora
+    from scratchlm.model.lora import apply_lora, train_token_rows
     from scratchlm.model.resize import add_special_tokens
 
     model, tokenizer, source = load_pretrained(section.model, tokenizer=section.tokenizer)
@@ -284,6 +284,8 @@ def prepare_model(section: SFTSection, template: Template, lora) -> tuple[GPT, o
         set_dropout(model, section.dropout)
     if lora.rank:
         apply_lora(model, lora)
+        if added:  # new tokens have no trained rows to keep: theirs train, the old stay frozen
+            train_token_rows(model, [tokenizer.special_tokens[t] for t in added])
     return model, tokenizer, source
 
 

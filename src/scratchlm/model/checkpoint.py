@@ -109,7 +109,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     if (directory / "adapter.json").is_file():
         from scratchlm.model.lora import load_adapter
 
-        load_adapter(model, directory)
+        model = load_adapter(model, directory)  # grown if its tokens' rows need it
     return model
 
 

@@ -190,8 +190,13 @@ def hf_linear_name(cfg: ModelConfig, name: str) -> str:
 
 
 def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """Our tensors -> Hugging Face names and layouts (a tied head left out, as HF saves it)."""
-    cfg, ours = model.config, base_tensors(model)
+    """Our tensors -> Hugging Face names and layouts (a tied head left out, as HF saves it;
+    LoRA adapters left out, see `lora.save_peft`)."""
+    from scratchlm.model.lora import base_rows
+
+    # Rows trained for added tokens beside LoRA adapters go into the exported base: peft's
+    # adapters then add to the same weights ours do.
+    cfg, ours = model.config, base_rows(model, base_tensors(model))
     out: dict[str, torch.Tensor] = {}
     if family(cfg) == "gpt2":
         out["transformer.wte.weight"] = ours["tok_emb.weight"]

@@ -8,6 +8,11 @@ the adapters are the parameters named "*.lora.a" / "*.lora.b". `merge` folds B A
 inference (one matmul per layer, as before) and `unmerge` takes it out again; both are exact
 up to float rounding. Adapters save alone (adapter.safetensors + adapter.json, a few hundred
 KB) and load on the base model; `save_peft` writes Hugging Face `peft`'s format.
+
+Tokens added for a prompt template (scratchlm.model.resize) have no trained rows to freeze:
+`train_token_rows` gives them their own small parameters ("token_rows.emb", and
+"token_rows.head" for an untied head) spliced into the embedding and the head, saved and
+loaded with the adapters, while the base vocabulary's rows stay frozen exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from scratchlm.config import LORA_TARGETS, LoRAConfig
 from scratchlm.errors import ScratchError
@@ -88,6 +94,85 @@ def _has(block: nn.Module, name: str) -> bool:
         return False
 
 
+class TokenRows(nn.Module):
+    """Trained rows for the ids [start, start + count) of a frozen model: `emb` (count, n_embd)
+    replaces those rows of the token embedding (and so of a tied head), `head` (count, n_embd)
+    those of an untied head. Both start as the model's own rows, so training starts from the
+    model exactly.
+
+    Why separate parameters rather than the whole embedding with its gradient masked: AdamW
+    state then covers count x n_embd numbers, not vocab x n_embd, and the base rows cannot move
+    at all (AdamW's decoupled weight decay would shrink them even under a zero gradient), so
+    they stay bitwise the base's and the base saves unchanged beside the adapters."""
+
+    def __init__(self, model: GPT, start: int, count: int) -> None:
+        super().__init__()
+        self.start, self.count = start, count
+        rows = slice(start, start + count)
+        self.emb = nn.Parameter(model.tok_emb.weight[rows].detach().clone())
+        self.head = None if tied_weights(model) else \
+            nn.Parameter(model.lm_head.weight[rows].detach().clone())
+        # The frozen head rows the head's own matmul uses; the hook adds (head - base) x on
+        # top, which is right whether a head adapter is merged into the weight or not.
+        # Not saved: they are the base's.
+        self.register_buffer("head_base", model.lm_head.weight[rows].detach().clone(),
+                             persistent=False)
+
+    def head_rows(self) -> torch.Tensor:
+        return self.emb if self.head is None else self.head
+
+    def splice_embedding(self, emb: nn.Embedding, inputs: tuple, output: torch.Tensor
+                         ) -> torch.Tensor:
+        idx = inputs[0]  # (B, T) ids -> output (B, T, n_embd)
+        new = (idx >= self.start) & (idx < self.start + self.count)
+        rows = self.emb[(idx - self.start).clamp(0, self.count - 1)]  # (B, T, n_embd)
+        return torch.where(new[..., None], rows.to(output.dtype), output)
+
+    def splice_head(self, head: nn.Linear, inputs: tuple, output: torch.Tensor
+                    ) -> torch.Tensor:
+        # output (B, T, vocab); its new columns move from base-row logits to trained-row ones.
+        # In place: no second (B, T, vocab) tensor (the head's matmul does not keep its output
+        # for backward, so autograd allows it).
+        diff = (self.head_rows().float() - self.head_base.float()).to(inputs[0].dtype)
+        output[..., self.start:self.start + self.count] += F.linear(inputs[0], diff).to(
+            output.dtype)
+        return output
+
+
+def train_token_rows(model: GPT, ids: list[int]) -> GPT:
+    """Let the rows of the added tokens `ids` (consecutive, as `resize.add_special_tokens`
+    gives them) train beside the adapters of a frozen model, in place (see TokenRows)."""
+    start, count = min(ids), len(ids)
+    if sorted(ids) != list(range(start, start + count)) or \
+            start + count > model.config.vocab_size:
+        raise ScratchError(f"token ids {ids} are not consecutive rows of the model's "
+                           "vocabulary; add them with scratchlm.model.resize")
+    model.token_rows = rows = TokenRows(model, start, count)
+    model.token_hooks = [model.tok_emb.register_forward_hook(rows.splice_embedding),
+                         model.lm_head.register_forward_hook(rows.splice_head)]
+    return model
+
+
+def token_rows(model: nn.Module) -> TokenRows | None:
+    return getattr(model, "token_rows", None)
+
+
+@torch.no_grad()
+def _fold_token_rows(model: GPT) -> None:
+    """Write the trained rows into the embedding and head and remove them (a plain model)."""
+    rows = token_rows(model)
+    if rows is None:
+        return
+    span = slice(rows.start, rows.start + rows.count)
+    model.tok_emb.weight[span] = rows.emb.to(model.tok_emb.weight.dtype)
+    if rows.head is not None:  # plus whatever a merged head adapter added to the base rows
+        w = model.lm_head.weight
+        w[span] = (rows.head + (w[span] - rows.head_base)).to(w.dtype)
+    for hook in model.token_hooks:
+        hook.remove()
+    del model.token_rows, model.token_hooks
+
+
 def apply_lora(model: GPT, cfg: LoRAConfig) -> GPT:
     """Freeze `model` and attach adapters to the layers `cfg.targets` names, in place."""
     model.requires_grad_(False)
@@ -125,6 +210,7 @@ def bake(model: GPT) -> GPT:
     """Merge every adapter into its weight and remove the adapters: a plain model again
     (peft's merge_and_unload), e.g. as the base of a later stage."""
     merge(model)
+    _fold_token_rows(model)
     for name in lora_layers(model):
         linear = model.get_submodule(name.removesuffix(".lora"))
         linear.lora_hook.remove()
@@ -135,7 +221,25 @@ def bake(model: GPT) -> GPT:
 
 
 def is_adapter(name: str) -> bool:
-    return ".lora." in name or name.startswith("lora.")
+    """Saved with the adapters (not the base): LoRA's A and B and added tokens' rows."""
+    return ".lora." in name or name.startswith(("lora.", "token_rows.")) \
+        or ".token_rows." in name
+
+
+def base_rows(model: GPT, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base tensors (tok_emb.weight, an untied lm_head.weight among them) with the added
+    tokens' trained rows written in: the base that `peft` adapters (`save_peft`) go on, as
+    the Hugging Face export writes it (`hf.state_to_hf`)."""
+    rows = token_rows(model)
+    if rows is None:
+        return tensors
+    span = slice(rows.start, rows.start + rows.count)
+    out = dict(tensors)
+    for name, trained in [("tok_emb.weight", rows.emb), ("lm_head.weight", rows.head)]:
+        if trained is not None and name in out:
+            out[name] = out[name].clone()
+            out[name][span] = trained.detach().to(out[name].dtype)
+    return out
 
 
 def save_adapter(model: GPT, directory: str | os.PathLike,
@@ -144,13 +248,17 @@ def save_adapter(model: GPT, directory: str | os.PathLike,
     source = state if state is not None else model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in source.items() if is_adapter(k)}
     save_tensors(tensors, Path(directory) / ADAPTER_WEIGHTS)
-    atomic_write_text(Path(directory) / ADAPTER_CONFIG,
-                      json.dumps({"format": "scratchlm-lora", "version": 1,
-                                  **asdict(model.lora_config)}, indent=2))
+    meta = {"format": "scratchlm-lora", "version": 1, **asdict(model.lora_config)}
+    if (rows := token_rows(model)) is not None:  # the vocabulary the base must have
+        meta["token_rows"] = {"start": rows.start, "count": rows.count,
+                              "vocab_size": model.config.vocab_size}
+    atomic_write_text(Path(directory) / ADAPTER_CONFIG, json.dumps(meta, indent=2))
 
 
 def load_adapter(model: GPT, directory: str | os.PathLike) -> GPT:
-    """Attach and load the adapters saved in `directory` onto `model` (its base)."""
+    """Attach and load the adapters saved in `directory` onto `model` (its base), in place;
+    returns the model, a new one grown to the adapter's vocabulary if the adapter trained rows
+    of tokens that `model` lacks (use the returned model)."""
     from safetensors.torch import load_file
 
     d = Path(directory)
@@ -160,9 +268,17 @@ def load_adapter(model: GPT, directory: str | os.PathLike) -> GPT:
     except (OSError, json.JSONDecodeError) as e:
         raise ScratchError(f"{d}: unreadable LoRA adapter ({e}); the directory is "
                            "damaged") from None
-    cfg = LoRAConfig(**{k: v for k, v in meta.items() if k not in ("format", "version")})
+    tokens = meta.get("token_rows")
+    cfg = LoRAConfig(**{k: v for k, v in meta.items()
+                        if k not in ("format", "version", "token_rows")})
+    if tokens and model.config.vocab_size < tokens["vocab_size"] and not lora_layers(model):
+        from scratchlm.model.resize import grow
+
+        model = grow(model, tokens["vocab_size"])
     if not lora_layers(model):
         apply_lora(model, cfg)
+    if tokens and token_rows(model) is None:
+        train_token_rows(model, list(range(tokens["start"], tokens["start"] + tokens["count"])))
     expected = {k: v.shape for k, v in model.state_dict().items() if is_adapter(k)}
     if set(expected) != set(tensors) or any(tensors[k].shape != s for k, s in expected.items()):
         raise ScratchError(f"{d}: the adapter does not fit this model (another base or "

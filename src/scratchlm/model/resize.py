@@ -28,21 +28,8 @@ def add_special_tokens(model: GPT, tokenizer: BPETokenizer, tokens: list[str]
     specials = {**tokenizer.special_tokens, **{t: start + i for i, t in enumerate(new)}}
     tokenizer = BPETokenizer(tokenizer.merges, tokenizer.pattern, specials, tokenizer.byte_ids)
     ids = list(range(start, tokenizer.vocab_size))
-    cfg = model.config
-    if tokenizer.vocab_size > cfg.vocab_size:
-        import dataclasses
-
-        grown = GPT(dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)).to(
-            model.tok_emb.weight.device)
-        state = model.state_dict()
-        with torch.no_grad():
-            for name, p in grown.state_dict().items():
-                if name in state and state[name].shape == p.shape:
-                    p.copy_(state[name])
-                elif name in state:  # tok_emb / an untied lm_head: keep the trained rows
-                    p[:state[name].size(0)].copy_(state[name])
-        grown.train(model.training)
-        model = grown
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model = grow(model, tokenizer.vocab_size)
     with torch.no_grad():
         tables = [model.tok_emb.weight]
         if not tied_weights(model):
@@ -50,3 +37,24 @@ def add_special_tokens(model: GPT, tokenizer: BPETokenizer, tokens: list[str]
         for table in tables:
             table[ids] = table[:start].mean(0)
     return model, tokenizer, new
+
+
+def grow(model: GPT, vocab_size: int) -> GPT:
+    """A new GPT with room for `vocab_size` tokens holding `model`'s weights, its new rows of
+    the embedding (and of an untied head) set to the mean of the old ones. Also used to give a
+    base the vocabulary of a LoRA adapter trained with added tokens (`lora.load_adapter`)."""
+    import dataclasses
+
+    old = model.config.vocab_size
+    grown = GPT(dataclasses.replace(model.config, vocab_size=vocab_size)).to(
+        model.tok_emb.weight.device)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, p in grown.state_dict().items():
+            if name in state and state[name].shape == p.shape:
+                p.copy_(state[name])
+            elif name in state:  # tok_emb / an untied lm_head: keep the trained rows
+                p[:old].copy_(state[name])
+                p[old:] = state[name].mean(0)
+    grown.train(model.training)
+    return grown

@@ -29,8 +29,8 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     TrainModule around one (names "model.*")."""
     gpt = getattr(module, "model", module)
     # By name, so that a pipeline stage holding the tied head but not the embedding treats it
-    # as the embedding it is.
-    embeddings = {"tok_emb.weight", "pos_emb.weight", *tied_weights(gpt)}
+    # as the embedding it is; LoRA's trained rows of added tokens are embedding rows too.
+    embeddings = {"tok_emb.weight", "pos_emb.weight", "token_rows.emb", *tied_weights(gpt)}
     decay, no_decay = [], []
     for name, p in module.named_parameters():  # a tied head is the embedding, listed once
         if not p.requires_grad:
@@ -56,7 +56,8 @@ def recipe_groups(groups: list[dict], module: torch.nn.Module, train) -> list[di
     if not (muon or train.embedding_lr or train.head_lr or train.layer_decay < 1):
         return groups
     prefix = "model." if gpt is not module else ""
-    embeddings = {prefix + n for n in ("tok_emb.weight", "pos_emb.weight", *tied_weights(gpt))}
+    embeddings = {prefix + n for n in ("tok_emb.weight", "pos_emb.weight", "token_rows.emb",
+                                       *tied_weights(gpt))}
     head = f"{prefix}lm_head.weight"
     n_layer = gpt.config.n_layer
     names = {id(p): n for n, p in module.named_parameters()}
