@@ -238,3 +238,117 @@ def test_chat_verb_uses_the_models_template(chat_model, monkeypatch, capsys) -> 
                                  stop_tokens=template.stop_ids(tok)))
     assert out.split("> ")[1:3] == [first + "\n", second + "\n"]
     assert tok.special_tokens["<|user|>"] in second_ids
+
+
+# ------------------------------------------------------------------------------------------------
+# option checks: one place (check_sampling), before anything runs
+
+
+def test_check_sampling_refuses_each_bad_option_by_name() -> None:
+    from scratchlm.generate import SamplingError, check_sampling, check_stop
+
+    check_sampling(0.0, None, None, 1, -2**63)
+    check_sampling(1.0, 1, 1.0, 1, 2**64 - 2, n=2)  # seeds 2**64 - 2 and 2**64 - 1
+    for kwargs, option in [(dict(temperature=float("nan")), "temperature"),
+                           (dict(temperature=float("inf")), "temperature"),
+                           (dict(temperature=-1.0), "temperature"),
+                           (dict(temperature=1.0, top_k=0), "top_k"),
+                           (dict(temperature=1.0, top_p=1.5), "top_p"),
+                           (dict(temperature=1.0, top_p=float("nan")), "top_p"),
+                           (dict(temperature=1.0, max_new_tokens=0), "max_new_tokens"),
+                           (dict(temperature=1.0, seed=2**64), "seed"),
+                           (dict(temperature=1.0, seed=-2**63 - 1), "seed"),
+                           (dict(temperature=1.0, seed=2**64 - 1, n=2), "seed")]:
+        with pytest.raises(SamplingError) as e:
+            check_sampling(**kwargs)
+        assert e.value.option == option and str(e.value).startswith(option)
+    with pytest.raises(SamplingError, match="stop strings must not be empty"):
+        check_stop(["\n", ""])
+    with pytest.raises(SamplingError, match="stop"):
+        TextStream(None, [""])  # never silently dropped
+
+
+def test_a_seed_torch_cannot_take_is_a_clear_error_not_a_value_error() -> None:
+    from scratchlm.generate import BatchGenerator, Generation
+
+    model = GPT(ModelConfig.from_preset("gpt2-tiny")).eval()
+    with pytest.raises(ScratchError, match="seed must be an integer"):
+        list(stream(model, torch.ones(1, 2).long(), 2, seed=99999999999999999999999))
+    with pytest.raises(ScratchError, match="seed must be an integer"):
+        BatchGenerator(model).submit(Generation([1, 2], 2, seed=99999999999999999999999))
+
+
+def test_a_failed_prefill_fails_the_generations_it_was_admitting() -> None:
+    """fail_all must end every generation the failing step touched, those being prefilled
+    included (else the server waits on them forever), and leave the batcher reusable."""
+    from scratchlm.generate import BatchGenerator, Generation
+
+    model = GPT(ModelConfig.from_preset("gpt2-tiny")).eval()
+    batcher = BatchGenerator(model, max_batch=2)
+    first = Generation([1, 2, 3], 5, temperature=0.0)
+    batcher.submit(first)
+    batcher.step()  # first holds a row
+    late = [Generation([4, 5], 5, temperature=0.0), Generation([6], 5, temperature=0.0)]
+    for g in late:
+        batcher.submit(g)
+    real = model.forward
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the step's decode passes, the prefill of the late ones fails
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+    model.forward = failing
+    with pytest.raises(RuntimeError):
+        batcher.step()
+    del model.forward
+    assert set(map(id, batcher.fail_all())) == {id(first), *map(id, late)}
+    assert not batcher.busy()
+    again = Generation([4, 5], 5, temperature=0.0)
+    batcher.submit(again)
+    while batcher.busy():
+        batcher.step()
+    assert again.tokens == generate_batch(model, [[4, 5]], 5, temperature=0.0)[0]
+
+
+@pytest.mark.parametrize("verb, flags, message", [
+    ("generate", ["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
+    ("generate", ["--num-samples", "0"], "--num-samples must be >= 1"),
+    ("generate", ["--num-samples", "-1"], "--num-samples must be >= 1"),
+    ("generate", ["--temperature", "nan"], "--temperature must be a finite number"),
+    ("generate", ["--max-new-tokens", "5000"], "exceeds the model's context"),
+    ("generate", ["--stop", ""], "--stop strings must not be empty"),
+    ("generate", ["--seed", "99999999999999999999999"], "--seed must be an integer"),
+    ("chat", ["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1"),
+    ("chat", ["--temperature", "-1"], "--temperature must be a finite number"),
+    ("chat", ["--top-p", "2"], "--top-p must be in (0, 1]"),
+    ("chat", ["--top-k", "0"], "--top-k must be >= 1"),
+    ("chat", ["--max-new-tokens", "5000"], "leaves no room for a message"),
+])
+def test_generate_and_chat_refuse_bad_flags_before_any_output(
+        tiny_run, monkeypatch, capsys, verb: str, flags: list[str], message: str) -> None:
+    """One `error:` line, status 2, and nothing on stdout: no prompt echoed before the error,
+    no chat banner, no message read."""
+    import io
+
+    from scratchlm.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\n"))
+    argv = [verb, "--model", str(tiny_run)] + (["--prompt", "ROMEO:"] if verb == "generate"
+                                               else [])
+    assert main(argv + flags) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="half precision is refused on a CPU only")
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_half_precision_is_refused_on_a_cpu(tiny_run, capsys, verb: str) -> None:
+    from scratchlm.cli import main
+
+    argv = [verb, "--model", str(tiny_run), "--quantize", "fp16"] + (
+        ["--prompt", "x"] if verb == "generate" else [])
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --quantize fp16 is for a GPU")

@@ -204,10 +204,12 @@ def test_sixteen_concurrent_clients_equal_each_alone(base: LiveServer) -> None:
     assert base.engine.stats["peak_running"] > max(before, 1)  # they shared forward passes
 
 
-def raw_post(server: LiveServer, path: str, body, **kw) -> httpx.Response:
+def raw_post(server: LiveServer, path: str, body, headers: dict | None = None,
+             **kw) -> httpx.Response:
     content = body if isinstance(body, str) else json.dumps(body)
     return httpx.post(f"{server.url}{path}", content=content,
-                      headers={"Content-Type": "application/json"}, timeout=60, **kw)
+                      headers={"Content-Type": "application/json", **(headers or {})},
+                      timeout=60, **kw)
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -225,6 +227,10 @@ def raw_post(server: LiveServer, path: str, body, **kw) -> httpx.Response:
     ({"prompt": "x", "stop": ["a"] * 20}, 400, "stop"),
     ({"prompt": "x", "frequency_penalty": 1.0}, 400, "presence_penalty"),
     ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "x", "seed": 99999999999999999999999}, 400, "seed"),  # past torch's 64 bits
+    ({"prompt": "x", "seed": 2**64 - 1, "n": 2}, 400, "seed"),  # choice 1 would take 2**64
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "stop": ["\n", ""]}, 400, "stop"),
 ])
 def test_bad_completion_requests(base: LiveServer, body: dict, status: int, param: str) -> None:
     r = raw_post(base, "/v1/completions", {"model": "tiny", **body})
@@ -253,6 +259,12 @@ def test_too_many_in_flight_is_429_and_a_disconnect_frees_the_slot(tiny_run: Pat
     try:
         client = server.client()
         name = server.app.state.served.model_name
+        # more choices than --max-pending could ever hold: a 400 naming n, not a 429 to retry
+        r = raw_post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert "--max-pending" in r.json()["error"]["message"]
+        r = raw_post(server, "/v1/completions", {"prompt": ["x", "y"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
         long = dict(model=name, prompt="ROMEO:", max_tokens=120, temperature=0.8, seed=0)
         stream = client.completions.create(stream=True, **long)
         first = next(iter(stream))  # the request holds the only slot
@@ -268,6 +280,73 @@ def test_too_many_in_flight_is_429_and_a_disconnect_frees_the_slot(tiny_run: Pat
         assert r.choices[0].finish_reason == "length"
     finally:
         server.close()
+
+
+def sse_events(r: httpx.Response) -> list:
+    return [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+
+
+def test_a_huge_seed_is_400_and_the_server_keeps_serving(chat: LiveServer) -> None:
+    """The user trial's crash: a seed torch cannot take killed the engine thread, and every
+    request after it hung. Refused up front now, for chat and streams too."""
+    auth = {"Authorization": "Bearer sekret"}
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
+            "seed": 99999999999999999999999}
+    for stream in (False, True):
+        r = raw_post(chat, "/v1/chat/completions", {**body, "stream": stream}, headers=auth)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "seed" and "2**64" in r.json()["error"]["message"]
+    r = raw_post(chat, "/v1/chat/completions", {**body, "seed": 2**64 - 1, "stream": True},
+                 headers=auth)  # the largest seed torch takes
+    assert r.status_code == 200 and sse_events(r)[-1] == "[DONE]"
+    assert chat.client("sekret").chat.completions.create(
+        model="tiny-chat", messages=body["messages"], max_tokens=4, seed=3).choices
+    assert httpx.get(f"{chat.url}/health").json()["status"] == "ok"
+    chat.wait_idle()
+
+
+def test_a_failure_in_the_engine_fails_that_request_and_the_server_keeps_serving(
+        base: LiveServer, monkeypatch) -> None:
+    """An exception on the engine thread (a bug, not the request: here the model's forward
+    raising once, then admission raising once) is a 500 with one line, or a stream's error
+    event; the engine thread lives on and serves the next request as if nothing happened."""
+    engine = base.engine
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 6, "temperature": 0}
+    expected = base.client().completions.create(**body).choices[0].text
+
+    def fail_once(target, name: str) -> None:
+        real = getattr(target, name)
+        calls = []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected failure\nsecond line")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(target, name, failing)
+
+    fail_once(engine.model, "forward")
+    r = raw_post(base, "/v1/completions", {**body, "n": 2})
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "injected failure" in error["message"]
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+    assert base.client().completions.create(**body).choices[0].text == expected
+
+    fail_once(engine.model, "forward")
+    r = raw_post(base, "/v1/completions", {**body, "stream": True})
+    events = sse_events(r)
+    assert r.status_code == 200 and "[DONE]" not in events  # streaming had begun: an event
+    assert "injected failure" in json.loads(events[-1])["error"]["message"]
+
+    fail_once(engine.batcher, "submit")  # the path a too-large seed used to crash
+    r = raw_post(base, "/v1/completions", body)
+    assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+
+    assert base.client().completions.create(**body).choices[0].text == expected
+    base.wait_idle()
+    assert engine.alive and engine.running == 0
+    assert httpx.get(f"{base.url}/health").json()["status"] == "ok"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,5 +510,40 @@ def test_serve_command_int8(tiny_run: Path) -> None:
 def test_serve_command_refuses_a_missing_model(tmp_path: Path, capsys) -> None:
     from scratchlm.cli import main
 
-    assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
+    assert main(["serve", "--model", str(tmp_path / "nope"), "--port", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_serve_command_refuses_a_bad_or_busy_port_before_loading(tiny_run: Path,
+                                                                 capsys) -> None:
+    """One `error:` line and status 2, before anything is printed or loaded (the port is
+    bound first, so a busy one fails in the first second, not after the model loads)."""
+    from scratchlm.cli import main
+
+    for port in ("99999", "-1"):
+        assert main(["serve", "--model", str(tiny_run), "--port", port]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: --port must be 0 to 65535 (0: any free port), " \
+                                    f"got {port}\n"
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        assert main(["serve", "--model", str(tiny_run), "--port", str(port)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: port {port} is in use; choose another --port\n"
+    finally:
+        busy.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="half precision is refused on a CPU only")
+def test_serve_command_refuses_half_precision_on_a_cpu(tiny_run: Path, capsys) -> None:
+    from scratchlm.cli import main
+
+    for mode in ("fp16", "bf16"):
+        assert main(["serve", "--model", str(tiny_run), "--port", "0", "--quantize",
+                     mode]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: --quantize {mode} is for a GPU")
+        assert err.count("\n") == 1

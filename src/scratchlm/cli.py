@@ -174,12 +174,11 @@ def load_for_generation(path: str, tokenizer_dir: str | None, quantize: str | No
     Hugging Face directory."""
     import torch
 
+    from scratchlm.generate import check_half_precision
     from scratchlm.model.load import load_pretrained
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if quantize in ("bf16", "fp16") and device == "cpu":
-        raise ScratchError(f"--quantize {quantize} is for a GPU (on this CPU bf16/fp16 matmuls "
-                           "are far slower than fp32); use --quantize int8")
+    check_half_precision(quantize, device)
     model, tok, model_dir = load_pretrained(path, device, tokenizer_dir)
     if quantize:
         from scratchlm.quantize import quantize as quantize_model
@@ -194,10 +193,30 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
                 sliding_window=args.sliding_window)
 
 
-def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
-    from scratchlm.generate import stream_text
+def check_sampling_flags(args: argparse.Namespace, n: int = 1) -> None:
+    """The sampling flags, checked before the model loads and before anything is printed (a
+    bad value otherwise surfaces mid-line, after the prompt); the rules are the library's,
+    `scratchlm.generate.check_sampling`, reported under the flag's name."""
+    from scratchlm.generate import SamplingError, check_sampling, check_stop
 
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed,
+                       n)
+        check_stop(getattr(args, "stop", []))
+    except SamplingError as e:
+        raise ScratchError(f"--{e.option.replace('_', '-')} {e.problem}") from None
+
+
+def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
+    from scratchlm.generate import check_context, encode_prompt, stream_text
+
+    if args.num_samples < 1:
+        raise ScratchError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_sampling_flags(args, args.num_samples)
     model, tok, _ = load_for_generation(args.model, args.tokenizer, args.quantize)
+    check_context(len(encode_prompt(tok, args.prompt)), args.max_new_tokens,
+                  model.config.block_size, args.sliding_window,
+                  fix="shorten the prompt, lower --max-new-tokens or pass --sliding-window")
     for k in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {k + 1}")
@@ -217,10 +236,15 @@ def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
     from scratchlm.generate import CHAT_STOP, chat_prompt, stream_text, template_chat_ids
     from scratchlm.templates import load_template
 
+    check_sampling_flags(args)
     model, tok, model_dir = load_for_generation(args.model, args.tokenizer, args.quantize)
     template = load_template(model_dir)
     history: list[tuple[str, str]] = []
     room = model.config.block_size - args.max_new_tokens
+    if room < 1:  # every message needs a token of the context besides the reply
+        raise ScratchError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a "
+                           f"message in the model's context of {model.config.block_size}; "
+                           f"lower it below {model.config.block_size}")
     how = f"the model's {template.name} template" if template else "a plain transcript"
     print(f"chat ({how}): type a message and press enter; an empty line or Ctrl-D ends",
           flush=True)
@@ -251,19 +275,26 @@ def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace, _: list[str]) -> int:
     import os
 
-    from scratchlm.serve import build_app, run
+    from scratchlm.serve import bind, build_app, run
 
     api_key = args.api_key or os.environ.get("SCRATCHLM_API_KEY") or None
-    app = build_app(args.model, args.tokenizer, args.quantize, api_key, args.max_batch,
-                    args.max_pending, args.model_name, use_kv_cache=not args.no_cache)
+    sock = bind(args.host, args.port)  # a bad or busy port fails now, not after the load
+    try:
+        app = build_app(args.model, args.tokenizer, args.quantize, api_key, args.max_batch,
+                        args.max_pending, args.model_name, use_kv_cache=not args.no_cache)
+    except BaseException:
+        sock.close()
+        raise
     s = app.state.served
+    port = sock.getsockname()[1]  # the one the OS picked for --port 0
+    host = f"[{args.host}]" if ":" in args.host else args.host
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} with no API key: anyone who can reach it may "
               "use it (pass --api-key)", file=sys.stderr)
     print(f"serving {s.model_name} ({s.label}, context {s.block}, "
           f"{'template ' + s.template.name if s.template else 'no chat template'}) at "
-          f"http://{args.host}:{args.port}: OpenAI API under /v1, chat page at /", flush=True)
-    run(app, args.host, args.port, args.log_level)
+          f"http://{host}:{port}: OpenAI API under /v1, chat page at /", flush=True)
+    run(app, log_level=args.log_level, sock=sock)
     return 0
 
 
@@ -866,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tokenizer", default=None, metavar="DIR",
                      help="tokenizer directory, if not saved beside the model")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=int, default=8000, help="0: any free port")
     srv.add_argument("--api-key", default=None, metavar="KEY",
                      help="require `Authorization: Bearer KEY` (default: $SCRATCHLM_API_KEY)")
     add_quantize_flag(srv)

@@ -14,6 +14,7 @@ used by `generate_batch`, `generate_text` with a list of prompts, and `scratchlm
 from __future__ import annotations
 
 import codecs
+import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,14 +52,64 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+# Seeds torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer (a negative
+# seed is read as its two's complement, so -1 and 2**64 - 1 are the same generator). Anything
+# else is a ValueError deep inside torch, so it is refused where the options come in.
+SEED_MIN, SEED_END = -2**63, 2**64
+
+
+class SamplingError(ScratchError):
+    """A sampling option out of range. `option` names it (the server's `param`; the CLI prints
+    it as its flag) and `problem` says what is wrong with it and what to do."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None,
+                   max_new_tokens: int | None = None, seed: int | None = None,
+                   n: int = 1) -> None:
+    """The one check of the sampling options that `stream`, `BatchGenerator`, the CLI and the
+    server share; `n` samples take the seeds seed, seed + 1, ..., seed + n - 1."""
     if not temperature >= 0 or temperature == float("inf"):  # NaN fails every comparison
-        raise ScratchError(f"temperature must be a number >= 0 (0 is greedy), got "
-                           f"{temperature}")
+        raise SamplingError("temperature", f"must be a finite number >= 0 (0 is greedy), got "
+                            f"{temperature}")
     if top_k is not None and top_k < 1:
-        raise ScratchError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ScratchError(f"top_p must be in (0, 1], got {top_p}")
+        raise SamplingError("top_k", f"must be >= 1 (or unset: no limit), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # NaN fails too
+        raise SamplingError("top_p", f"must be in (0, 1] (1: no limit), got {top_p}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise SamplingError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    if seed is not None and not SEED_MIN <= seed <= SEED_END - n:
+        what = f" (and seed + {n - 1} for {n} samples)" if n > 1 else ""
+        raise SamplingError("seed", f"must be an integer from -2**63 to 2**64 - {n}, what "
+                            f"torch's generator takes{what}; got {seed}, choose a smaller one")
+
+
+def check_context(n_prompt: int, max_new_tokens: int, block_size: int,
+                  sliding_window: bool = False,
+                  fix: str = "shorten them or allow a sliding window") -> None:
+    """A prompt and its new tokens must fit in the context, unless a sliding window keeps the
+    last block_size of them."""
+    if n_prompt + max_new_tokens > block_size and not sliding_window:
+        raise ScratchError(
+            f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {block_size}; {fix}")
+
+
+def check_stop(stop: Sequence[str]) -> None:
+    """An empty stop string would end every text before it began: refused, not dropped."""
+    if any(s == "" for s in stop):
+        raise SamplingError("stop", "strings must not be empty; drop the empty one")
+
+
+def check_half_precision(quantize: str | None, device: str | torch.device) -> None:
+    """bf16/fp16 weights are for a GPU: on a CPU their matmuls are far slower than fp32. The one
+    check behind `generate`, `chat` and `serve`, made before the model loads."""
+    if quantize in ("bf16", "fp16") and torch.device(device).type == "cpu":
+        raise ScratchError(f"--quantize {quantize} is for a GPU (on this CPU bf16/fp16 matmuls "
+                           "are far slower than fp32); use --quantize int8")
 
 
 @torch.inference_mode()
@@ -78,15 +129,12 @@ def stream(
     token keeps repeating it; the iterator ends when every row has stopped. A sequence longer
     than the context is an error unless `sliding_window`, which keeps the last block_size
     positions (recomputing the cache once it is full)."""
-    _check_args(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed=seed)
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ScratchError(f"prompt must be a (batch, length) tensor with length >= 1, "
                            f"got shape {tuple(idx.shape)}")
     block = model.config.block_size
-    if idx.size(1) + max_new_tokens > block and not sliding_window:
-        raise ScratchError(
-            f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's context of {block}; shorten them or allow a sliding window")
+    check_context(idx.size(1), max_new_tokens, block, sliding_window)
     model.eval()
     generator = None
     if seed is not None:
@@ -128,8 +176,9 @@ class TextStream:
     string the text before it comes out and `stopped` is set."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        check_stop(stop)
         self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stop = list(stop)
         self.stopped = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._hold = max((len(s) for s in self.stop), default=1) - 1
@@ -317,6 +366,13 @@ class Decoder:
             if self.cache is not None:
                 self.cache.crop(0)
 
+    def clear(self) -> None:
+        """Free every row at once. After a failed step the rows' bookkeeping may be half
+        updated, so nothing of it is trusted (unlike `remove`, which moves rows)."""
+        self.starts, self.handles, self.cols = [], [], 0
+        if self.cache is not None:
+            self.cache.crop(0)
+
     def _layout(self, starts: Sequence[int], T: int, S: int
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(positions (B, T), mask (B, T, S)) of T new tokens ending at column S for rows that
@@ -430,16 +486,11 @@ class BatchGenerator:
 
     def submit(self, gen: Generation) -> None:
         """Queue a generation; bad settings or a prompt that does not fit are refused here."""
-        _check_args(gen.temperature, gen.top_k, gen.top_p)
-        block = self.model.config.block_size
+        check_sampling(gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens, gen.seed)
         if not gen.prompt:
             raise ScratchError("the prompt is empty; give at least one token")
-        if gen.max_new_tokens < 1:
-            raise ScratchError(f"max_new_tokens must be >= 1, got {gen.max_new_tokens}")
-        if len(gen.prompt) + gen.max_new_tokens > block:
-            raise ScratchError(
-                f"prompt ({len(gen.prompt)} tokens) + max_new_tokens ({gen.max_new_tokens}) "
-                f"exceeds the model's context of {block}; shorten them")
+        check_context(len(gen.prompt), gen.max_new_tokens, self.model.config.block_size,
+                      fix="shorten them")
         check_token_ids(torch.tensor(gen.prompt), self.model.config.vocab_size)
         if gen.seed is not None and gen.generator is None:
             gen.generator = torch.Generator(self.device).manual_seed(gen.seed)
@@ -458,8 +509,13 @@ class BatchGenerator:
             events += self._advance(list(self.running), self.decoder.step(last))
         free = self.decoder.max_rows - len(self.running)
         if self.waiting and free:
-            new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-            events += self._advance(new, self.decoder.add([g.prompt for g in new], new))
+            new = list(itertools.islice(self.waiting, free))
+            logits = self.decoder.add([g.prompt for g in new], new)
+            # Taken off the queue only once they hold rows: a prefill that raises leaves them
+            # waiting, where fail_all finds them, instead of in neither place.
+            for _ in new:
+                self.waiting.popleft()
+            events += self._advance(new, logits)
         return events
 
     def _advance(self, gens: list[Generation], logits: torch.Tensor
@@ -476,7 +532,7 @@ class BatchGenerator:
         failed = list(self.running) + list(self.waiting)
         for g in failed:
             g.finish_reason = "error"
-        self.decoder.remove(list(self.running))
+        self.decoder.clear()
         self.waiting.clear()
         return failed
 

@@ -8,7 +8,8 @@ POST /detokenize), GET /health, and the chat page at GET /.
 Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the status
 OpenAI gives it: 400 for a bad request (malformed JSON, a bad value, a prompt or max_tokens
 beyond the context), 401 for a missing or wrong API key, 404 for an unknown model or route,
-429 when too many generations are in flight, 500 for a failure of the server's own.
+429 when too many generations are in flight, 500 for a failure of the server's own (after
+which it keeps serving), 503 when its generation engine is not running.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from starlette.exceptions import HTTPException
 
 from scratchlm import __version__
 from scratchlm.errors import ScratchError
-from scratchlm.generate import Generation, TextStream
-from scratchlm.serve.engine import Engine, Event, Overloaded
+from scratchlm.generate import Generation, SamplingError, TextStream, check_sampling, check_stop
+from scratchlm.serve.engine import Engine, Event, NotRunning, Overloaded
 from scratchlm.templates import Template
 
 STATIC = resources.files("scratchlm.serve") / "static"
@@ -78,6 +79,8 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    """-2**63 <= seed and seed + n - 1 < 2**64 (what torch's generator takes; choice j uses
+    seed + j), checked by scratchlm.generate.check_sampling."""
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -190,7 +193,19 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     if len(stops) > MAX_STOP:
         raise APIError(400, f"stop takes at most {MAX_STOP} strings, got {len(stops)}",
                        param="stop")
-    return [s for s in stops if s]
+    return stops
+
+
+def check_request_sampling(req: Sampling) -> None:
+    """What the library refuses, refused here as a 400 naming the field (the engine would
+    otherwise fail the request later, as a 500). pydantic has checked the ranges OpenAI's API
+    sets (temperature <= 2, ...); top_k 0 and -1 mean no limit, as in vLLM."""
+    try:
+        check_sampling(req.temperature, req.top_k if req.top_k and req.top_k > 0 else None,
+                       req.top_p, seed=req.seed, n=req.n)
+        check_stop(stop_strings(req.stop))
+    except SamplingError as e:
+        raise APIError(400, str(e), param=e.option) from None
 
 
 def check_unsupported(req: Sampling) -> None:
@@ -274,13 +289,22 @@ class Collector:
                 g.cancelled = True  # no effect on a finished one
 
 
-def submit(s: Served, gens: list[Generation]) -> Collector:
+def submit(s: Served, gens: list[Generation], n: int) -> Collector:
+    """Hand a request's generations (n per prompt) to the engine."""
+    limit = s.engine.max_pending
+    if len(gens) > limit:  # never admitted however long one waits: not a 429 to retry
+        what = f"n is {n}" if len(gens) == n else f"{len(gens) // n} prompts x n {n}"
+        raise APIError(400, f"this request asks for {len(gens)} generations ({what}) and this "
+                       f"server holds at most {limit} in flight (its --max-pending); lower n "
+                       "or send fewer prompts per request", param="n" if n > limit else "prompt")
     collector = Collector(gens)
     try:
         s.engine.submit(gens, collector.sink)
     except Overloaded as e:
         raise APIError(429, str(e), type_="rate_limit_exceeded",
                        code="rate_limit_exceeded") from None
+    except NotRunning as e:
+        raise APIError(503, str(e), type_="server_error", code="engine_not_running") from None
     return collector
 
 
@@ -329,6 +353,7 @@ class LegacyLogprobs:
 async def completions(req: CompletionRequest, request: Request, s: Served):
     check_model(s, req.model)
     check_unsupported(req)
+    check_request_sampling(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported by this server", param="suffix")
     if req.best_of not in (None, req.n):
@@ -354,7 +379,7 @@ async def completions(req: CompletionRequest, request: Request, s: Served):
         echo_lps = await asyncio.gather(*futures)
     gens = (make_generations(s, req, ids, max_tokens, stop_eot(s), req.logprobs)
             if max_tokens > 0 else [])
-    collector = submit(s, gens) if gens else None
+    collector = submit(s, gens, req.n) if gens else None
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     texts = [""] * n_choices
     lps = [LegacyLogprobs(s) if req.logprobs is not None else None for _ in range(n_choices)]
@@ -461,6 +486,7 @@ def chat_logprobs(s: Served, token: int, lp: tuple[float, list[tuple[int, float]
 async def chat_completions(req: ChatRequest, request: Request, s: Served):
     check_model(s, req.model)
     check_unsupported(req)
+    check_request_sampling(req)
     ids = chat_ids(s, req.messages)
     asked = req.max_completion_tokens or req.max_tokens
     max_tokens = asked if asked is not None else s.block - len(ids)
@@ -472,7 +498,7 @@ async def chat_completions(req: ChatRequest, request: Request, s: Served):
     want = (req.top_logprobs or 0) if req.logprobs else None
     stops = s.template.stop_ids(s.tokenizer)
     gens = make_generations(s, req, [ids], max_tokens, stops, want)
-    collector = submit(s, gens)
+    collector = submit(s, gens, req.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(c: int, delta: dict, reason: str | None, lp: dict | None = None) -> dict:
@@ -560,10 +586,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, template: Template | 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.get("/health")
-    async def health(request: Request) -> dict:
+    async def health(request: Request) -> JSONResponse:
         e = served(request).engine
-        return {"status": "ok", "running": e.running, "pending": e.pending,
-                "max_batch": e.max_batch, "max_pending": e.max_pending}
+        # ok only while the engine thread runs: a server whose engine died must not look
+        # healthy to a load balancer while every request to it hangs
+        return JSONResponse({"status": "ok" if e.alive else "error", "running": e.running,
+                             "pending": e.pending, "max_batch": e.max_batch,
+                             "max_pending": e.max_pending}, status_code=200 if e.alive else 503)
 
     @app.get("/v1/models")
     async def models(request: Request, _: Auth) -> dict:

@@ -5,7 +5,9 @@ with a sink; the engine thread admits them into the running batch between two de
 (scratchlm.generate.BatchGenerator), so requests that arrive while others run share their
 forward passes. Every new token goes back to its sink as an `Event`. Work that needs the model
 but is no generation (prompt log-probs for `echo`) runs on the same thread through `call`.
-A failing step ends the generations of that batch with finish_reason "error"; the engine goes on.
+Whatever raises on the engine thread (a generation refused at admission, a failing step, a bug)
+ends the generations it concerns with finish_reason "error" and a one-line message, and the
+engine goes on serving the rest: the thread never dies with requests waiting on it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ log = logging.getLogger("scratchlm.serve")
 
 class Overloaded(Exception):
     """More generations in flight than the engine accepts (HTTP 429)."""
+
+
+class NotRunning(Exception):
+    """The engine's thread is not running (HTTP 503): nothing submitted would ever finish."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ class Engine:
         self._cond = threading.Condition()
         self._incoming: list[tuple[Generation, Sink]] = []
         self._calls: list[tuple[Callable[[], object], Future]] = []
-        self._sinks: dict[int, Sink] = {}
+        self._live: dict[int, tuple[Generation, Sink]] = {}
+        """Every generation admitted and not yet given its final event, by id."""
         self._pending = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="scratchlm-engine", daemon=True)
@@ -83,9 +90,18 @@ class Engine:
     def running(self) -> int:
         return len(self.batcher.running)
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is serving (started, not stopped, not dead)."""
+        return self._thread.is_alive() and not self._stop
+
     def submit(self, gens: list[Generation], sink: Sink) -> None:
-        """Queue generations (all of them or none); raises Overloaded past max_pending."""
+        """Queue generations (all of them or none); raises Overloaded past max_pending and
+        NotRunning when no thread would ever run them."""
         with self._cond:
+            if not self.alive:
+                raise NotRunning("the server's generation engine is not running; restart the "
+                                 "server (its log says why it stopped)")
             if self._pending + len(gens) > self.max_pending:
                 raise Overloaded(f"{self._pending} generations are in flight and this server "
                                  f"takes at most {self.max_pending}; retry shortly")
@@ -128,33 +144,55 @@ class Engine:
                     return
                 incoming, self._incoming = self._incoming, []
                 calls, self._calls = self._calls, []
-            for fn, fut in calls:
-                try:
-                    fut.set_result(fn())
-                except Exception as e:  # noqa: BLE001 - handed to the waiting request
-                    fut.set_exception(e)
-            for gen, sink in incoming:
-                self._sinks[id(gen)] = sink
-                try:
-                    self.batcher.submit(gen)
-                except ScratchError as e:
-                    gen.finish_reason = "error"
-                    self._emit(gen, "", new_token=False, error=str(e))
-            if not self.batcher.busy():
-                continue
             try:
-                events = [(g, piece, g.finish_reason not in ("cancelled",))
-                          for g, piece in self.batcher.step()]
-            except Exception:  # a bug, not the request: log it, end this batch, keep serving
-                log.exception("a decoding step failed; its generations end with an error")
-                events = [(g, "", False) for g in self.batcher.fail_all()]
-            advanced = sum(new_token for _, _, new_token in events)
-            self.stats["peak_running"] = max(self.stats["peak_running"], advanced)
-            for gen, piece, new_token in events:
-                self._emit(gen, piece, new_token)
+                self._serve(calls, incoming)
+            except Exception as e:  # a bug, not a request: end what is in flight, keep serving
+                log.exception("the engine failed; the generations in flight end with an error")
+                self._fail_all(f"the server failed while generating ({one_line(e)}); "
+                               "see its log")
+
+    def _serve(self, calls: list[tuple[Callable[[], object], Future]],
+               incoming: list[tuple[Generation, Sink]]) -> None:
+        """One turn of the engine: calls, then admissions, then one decoding step."""
+        for fn, fut in calls:
+            try:
+                fut.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - handed to the waiting request
+                fut.set_exception(e)
+        for gen, sink in incoming:
+            self._live[id(gen)] = (gen, sink)
+            try:
+                self.batcher.submit(gen)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                if not isinstance(e, ScratchError):
+                    log.exception("a generation could not be admitted")
+                gen.finish_reason = "error"
+                self._emit(gen, "", new_token=False, error=one_line(e) if isinstance(
+                    e, ScratchError) else f"the server failed ({one_line(e)}); see its log")
+        if not self.batcher.busy():
+            return
+        events = [(g, piece, g.finish_reason not in ("cancelled",))
+                  for g, piece in self.batcher.step()]
+        advanced = sum(new_token for _, _, new_token in events)
+        self.stats["peak_running"] = max(self.stats["peak_running"], advanced)
+        for gen, piece, new_token in events:
+            self._emit(gen, piece, new_token)
+
+    def _fail_all(self, message: str) -> None:
+        """End every live generation with an error: those of the failed step, and any that
+        finished in it before the failure (their last event was never sent)."""
+        try:
+            self.batcher.fail_all()
+        except Exception:  # noqa: BLE001 - the live generations below still get their end
+            log.exception("resetting the batch failed")
+        for gen, _ in list(self._live.values()):
+            gen.finish_reason = "error"
+            self._emit(gen, "", new_token=False, error=message)
 
     def _emit(self, gen: Generation, piece: str, new_token: bool,
               error: str | None = None) -> None:
+        if id(gen) not in self._live:  # its final event has been sent already
+            return
         if gen.finish_reason == "error" and error is None:
             error = "the server failed while generating; see its log"
         new_token = new_token and gen.finish_reason != "error" and bool(gen.tokens)
@@ -163,9 +201,9 @@ class Engine:
                       else None, gen.finish_reason, error)
         if new_token:
             self.stats["tokens"] += 1
-        sink = self._sinks[id(gen)]
+        _, sink = self._live[id(gen)]
         if gen.finish_reason is not None:
-            del self._sinks[id(gen)]
+            del self._live[id(gen)]
             self.stats[gen.finish_reason] += 1
             with self._cond:
                 self._pending -= 1
@@ -173,3 +211,12 @@ class Engine:
             sink(gen, event)
         except Exception:  # noqa: BLE001 - a request that went away must not stop the engine
             log.debug("dropped an event for a request that is gone", exc_info=True)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for a client: a ScratchError's message, else its type and the
+    first line of its message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, ScratchError):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
