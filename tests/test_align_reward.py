@@ -76,6 +76,8 @@ def test_reward_model_learns_held_out_pairs_and_exports_to_hf(sft_model: Path,
         theirs = hf(ids, attention_mask=(ids != rm.pad_id).long()).logits[:, 0]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     assert abs(ours[0] - ours[1]).item() > 1e-3  # two different scores, both matched
+    # It is no classifier: `scratchlm classify` refuses it rather than print a probability.
+    assert main(["classify", "--model", str(out), "hello"]) == 2
 
 
 def test_a_model_that_is_not_a_reward_model_is_refused(sft_model: Path) -> None:

@@ -407,6 +407,10 @@ class Classifier:
             raise ScratchError(f"{d} is not a classifier (no classifier.json); fine-tune one "
                                "with `scratchlm finetune classify`")
         meta = json.loads(meta_path.read_text())
+        if meta.get("kind") == "reward":  # one score, no classes to give probabilities of
+            raise ScratchError(f"{d} is a reward model, not a classifier: its one output is a "
+                               "score, not class probabilities; load it with "
+                               "scratchlm.align.reward.RewardModel")
         self.labels, self.pooling = meta["labels"], meta["pooling"]
         self.pad_id, self.max_length = meta["pad_id"], meta["max_length"]
         self.head = new_head(self.model, len(self.labels)).to(device)
