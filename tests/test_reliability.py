@@ -74,7 +74,7 @@ CASES = [
     ("memory-tp-3", ["memory", "--preset", "llama-7b", "--tp", "3"], 2,
      "n_head (32) is not divisible by tp (3)"),
     ("temperature-nan", ["generate", "--model", "RUN", "--prompt", "Hi", "--temperature",
-                         "nan"], 2, "temperature must be a number >= 0"),
+                         "nan"], 2, "temperature must be a finite number >= 0"),
     ("special-token-empty", ["tokenizer", "train", "--builtin", "--vocab-size", "300",
                              "--out", "OUT", "--special-tokens", ""], 2,
      "a special token cannot be empty"),
@@ -155,7 +155,7 @@ def test_python_api_raises_the_projects_error() -> None:
         model(torch.tensor([[1, 600]]))
     with pytest.raises(ScratchError, match="token id 600 is outside"):
         generate(model, torch.tensor([[1, 600]]), 3)
-    with pytest.raises(ScratchError, match="temperature must be a number"):
+    with pytest.raises(ScratchError, match="temperature must be a finite number"):
         generate(model, torch.tensor([[1, 2]]), 3, temperature=float("nan"))
     with pytest.raises(ScratchError, match="train.lr must be > 0"):
         load_config(Config, None, ["--train.lr=-0.1"])
