@@ -407,10 +407,7 @@ class Classifier:
             raise ScratchError(f"{d} is not a classifier (no classifier.json); fine-tune one "
                                "with `scratchlm finetune classify`")
         meta = json.loads(meta_path.read_text())
-        if meta.get("kind") == "reward":  # one score, no classes to give probabilities of
-            raise ScratchError(f"{d} is a reward model, not a classifier: its one output is a "
-                               "score, not class probabilities; load it with "
-                               "scratchlm.align.reward.RewardModel")
+        self.directory, self.kind = d, meta.get("kind", "classifier")
         self.labels, self.pooling = meta["labels"], meta["pooling"]
         self.pad_id, self.max_length = meta["pad_id"], meta["max_length"]
         self.head = new_head(self.model, len(self.labels)).to(device)
@@ -421,6 +418,10 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), n_labels) class probabilities."""
+        if self.kind == "reward":  # the same head's layout, but one score and no classes
+            raise ScratchError(f"{self.directory} is a reward model, not a classifier: its "
+                               "one output is a score, not class probabilities; load it with "
+                               "scratchlm.align.reward.RewardModel")
         if any(not t.strip() for t in texts):
             raise ScratchError("a text to classify is empty")
         ids = self.tokenizer.encode_batch(texts, disallowed_special=())
