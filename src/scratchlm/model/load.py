@@ -73,9 +73,6 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     d = model_dir(path)
     model = from_hf(d).to(device) if is_hf_dir(d) else load_model(d, device)
     bake(model)  # LoRA adapters, if any, folded into the weights: no cost per token
-    # A plain model, every parameter trainable as after any other load (a LoRA run froze its
-    # base): the stage that loads it decides what trains.
-    model.requires_grad_(True)
     tok = load_tokenizer(tokenizer or d)
     if tok.vocab_size > model.config.vocab_size:
         raise ScratchError(f"the tokenizer has {tok.vocab_size:,} tokens but the model only "

@@ -217,6 +217,9 @@ def bake(model: GPT) -> GPT:
         del linear.lora, linear.lora_hook
     if hasattr(model, "lora_config"):
         del model.lora_config
+    # The base unfrozen again (apply_lora froze it): whoever uses the plain model
+    # (a later stage) decides what trains.
+    model.requires_grad_(True)
     return model
 
 
