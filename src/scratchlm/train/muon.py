@@ -46,7 +46,9 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = x @ x.mT  # (r, r), r = min(rows, cols)
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        # The scalings ride in the matmuls (addmm's beta and alpha): no elementwise passes.
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A^2) X
     return (x if wide else x.mT).to(g.dtype)
 
 
