@@ -444,6 +444,34 @@ def test_relu2_mlp() -> None:
     assert ModelConfig(mlp="relu2", n_embd=64, n_head=4).intermediate_size == 4 * 64
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_attn_dropout_off_keeps_the_residual_dropout(attention: str) -> None:
+    """model.attn_dropout=0 with dropout 0.5: in training the attention weights are not
+    dropped (the attention of a block in train mode equals eval mode's), while the residual and
+    embedding dropout still are; the Hugging Face export carries both rates."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(dropout=0.5, attn_dropout=0.0, attention=attention)
+    model = GPT(cfg).train()
+    attn = model.blocks["0"].attn
+    x = torch.randn(2, 16, 64)
+    q, k, v = attn._project(x)
+    q, k, v = (t.view(2, 16, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    attend = attn._attend_manual if attention == "manual" else attn._attend_fused
+    trained = attend(q, k, v, 0)
+    attn.eval()
+    torch.testing.assert_close(trained, attend(q, k, v, 0))
+    assert attn.resid_drop.p == 0.5 and model.drop.p == 0.5
+    # Without it, the same attention in train mode drops weights (the default: dropout).
+    dropped = GPT(tiny_cfg(dropout=0.5, attention=attention)).train().blocks["0"].attn
+    assert dropped.dropout == 0.5 and dropped.attn_drop.p == 0.5
+    assert not torch.allclose(dropped._attend_manual(q, k, v, 0) if attention == "manual"
+                              else dropped._attend_fused(q, k, v, 0), trained)
+    hf = config_to_hf(tiny_cfg(dropout=0.5, attn_dropout=0.0))
+    assert hf["attention_dropout"] == 0.0
+    with pytest.raises(ScratchError, match="attn_dropout must be in"):
+        tiny_cfg(attn_dropout=1.0)
+
+
 @pytest.mark.parametrize("change", [dict(qk_norm=True), dict(mlp="relu2"),
                                     dict(logit_softcap=15.0)])
 def test_hf_export_refuses_what_transformers_cannot_hold(change) -> None:

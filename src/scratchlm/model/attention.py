@@ -60,7 +60,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.manual = cfg.attention == "manual"
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attention_dropout
         self.qk_norm_eps = cfg.norm_eps if cfg.qk_norm else None
         # Separate q, k and v projections (not one fused matmul) so that tensor parallelism can
         # split each by heads: a fused weight sharded by rows would hand a rank all of q.
@@ -69,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True  # scaled init (GPT-2): see GPT._init_weights
-        self.attn_drop = nn.Dropout(cfg.dropout)
+        self.attn_drop = nn.Dropout(cfg.attention_dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(

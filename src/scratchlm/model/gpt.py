@@ -254,7 +254,8 @@ class GPT(nn.Module):
             f"  positions: {cfg.pos_emb}" + (f" (theta {cfg.rope_theta:g})"
                                              if cfg.pos_emb == "rope" else ""),
             f"  norm: {cfg.norm}, mlp: {cfg.mlp} ({cfg.intermediate_size}), bias: {cfg.bias}, "
-            f"tied head: {cfg.tie_embeddings}, dropout: {cfg.dropout}",
+            f"tied head: {cfg.tie_embeddings}, dropout: {cfg.dropout}"
+            + (f" (attention {cfg.attn_dropout})" if cfg.attn_dropout is not None else ""),
             f"  training FLOPs/token at full context: {self.flops_per_token() / 1e9:.3f} G",
         ]
         return "\n".join(lines)

@@ -101,7 +101,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": cfg.intermediate_size, "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": True,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout, "tie_word_embeddings": True,
             # GPT2Config defaults both to 50256, wrong for any other vocabulary; save_hf sets
             # them from the tokenizer.
             "bos_token_id": None, "eos_token_id": None,
@@ -114,7 +114,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "rope_theta": cfg.rope_theta,
         "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.attention_dropout,
     }
     if cfg.rope_scaling:
         out["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
