@@ -361,10 +361,14 @@ def budget_run(tmp: Path, recipe: Path, corpus: str, overrides: list[str], label
 
 
 # The recipe before issue 17's levers (AdamW, SwiGLU, tied head, warm-up + cosine over 900
-# steps, on the clock), as overrides of today's: the ablation's baseline and `--former`.
+# steps, on the clock; context 256, dropout on the attention weights too), as overrides of
+# today's: the ablation's baseline and `--former`.
+# Its shape apart: in the ablation an override of the caller's (`--set`) must win over it.
+FORMER_SHAPE = ["--model.block_size=256", "--train.micro_batch=16", "--model.attn_dropout=null"]
 FORMER = ["--train.optimizer=adamw", "--train.schedule=cosine", "--model.qk_norm=false",
           "--model.mlp=swiglu", "--model.tie_embeddings=true", "--train.head_lr=0",
-          "--train.max_steps=900", "--train.warmup_fraction=0", "--train.warmup_steps=50"]
+          "--train.max_steps=900", "--train.warmup_fraction=0", "--train.warmup_steps=50",
+          *FORMER_SHAPE]
 # Each lever of issue 17 switched on alone over the former recipe (its lrs: nanochat's and
 # modded-nanogpt's small-model settings, not tuned here); the last row is today's recipe.
 LEVERS = {
@@ -377,17 +381,19 @@ LEVERS = {
     "logit soft-cap 15": ["--model.logit_softcap=15"],
     "zero-init output projections": ["--model.zero_init=true"],
     "untied head, head_lr 0.004": ["--model.tie_embeddings=false", "--train.head_lr=0.004"],
+    "no dropout on attention weights (fused SDPA)": ["--model.attn_dropout=0"],
 }
 
 
 def shape_levers(base: Config, vocab: int) -> dict[str, list[str]]:
-    """The budget's shape, relative to the baseline's: half the context (the same tokens a
-    step in more rows), twice the vocabulary (more bytes a token, a larger head), half the
-    tokens a step (twice the steps)."""
+    """The budget's shape, relative to the baseline's: half and a quarter of the context (the
+    same tokens a step in more rows), twice the vocabulary (more bytes a token, a larger
+    head), half the tokens a step (twice the steps)."""
     block, tokens, micro = (base.model.block_size, base.train.global_batch_tokens,
                             base.train.micro_batch)
     return {
         f"context {block // 2} (same tokens a step)": [f"--model.block_size={block // 2}"],
+        f"context {block // 4} (same tokens a step)": [f"--model.block_size={block // 4}"],
         f"tokenizer {2 * vocab:,}": [f"--tokenizer.vocab_size={2 * vocab}"],
         f"{tokens // 2:,} tokens a step": [
             f"--train.global_batch_tokens={tokens // 2}",
@@ -417,15 +423,17 @@ def ablation(args, tmp: Path) -> list[dict]:
         if args.ablation_steps else [f"--train.time_budget_s={args.ablation_budget}"]
     common = [f"--train.eval_every={args.eval_every}", "--train.eval_batches=20", *args.set]
     rows = []
-    base = load_config(Config, args.recipe, data(args.vocab) + common + FORMER)
+    former = [f for f in FORMER if f not in FORMER_SHAPE]
+    base = load_config(Config, args.recipe, data(args.vocab) + FORMER_SHAPE + common + former)
     levers = {**LEVERS, **shape_levers(base, args.vocab)}
-    rows_flags = {**{name: FORMER + flags for name, flags in levers.items()},
+    rows_flags = {**{name: former + flags for name, flags in levers.items()},
                   f"today's recipe ({args.recipe.name})": []}
     for i, (name, flags) in enumerate(rows_flags.items()):
         vocab = next((int(f.split("=")[1]) for f in flags
                       if f.startswith("--tokenizer.vocab_size=")), args.vocab)
+        shape = FORMER_SHAPE if flags else []  # today's recipe: its own shape
         # The run's length last: FORMER's max_steps must not override it.
-        cfg = load_config(Config, args.recipe, data(vocab) + common + flags + length)
+        cfg = load_config(Config, args.recipe, data(vocab) + shape + common + flags + length)
         summary = run_pretraining(cfg, tmp / f"ablation-{i}", progress=False)
         bpb, curve = best_bpb(tmp / f"ablation-{i}")
         rows.append({"lever": name, "flags": flags, "best_bpb": bpb, "steps": summary["steps"],

@@ -14,6 +14,7 @@ from scratchlm.config import (
     field_docs,
     from_dict,
     load_config,
+    resolve_recipe,
     save_config,
 )
 from scratchlm.errors import ScratchError
@@ -111,3 +112,12 @@ def test_docstrings_are_help_text() -> None:
     assert rows["tokenizer.vocab_size"][0] == "8192"
     assert "merges" in rows["tokenizer.vocab_size"][1]
     assert from_dict(Run, {"optim": {"kind": "sgd"}}).optim.kind == "sgd"
+
+
+@pytest.mark.parametrize("recipe", ["demo", "tiny-cpu", "shakespeare-10min", "scaling-cpu"])
+def test_shipped_pretraining_recipes_load_and_their_batches_divide(recipe: str) -> None:
+    """Each pretraining recipe in configs/ loads by name, and its tokens a step fill whole
+    micro-batches of whole windows (else the loop refuses it at start-up)."""
+    cfg = load_config(Config, resolve_recipe(recipe))
+    rows, rest = divmod(cfg.train.global_batch_tokens, cfg.model.block_size)
+    assert rest == 0 and rows % cfg.train.micro_batch == 0

@@ -101,7 +101,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": cfg.intermediate_size, "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout, "tie_word_embeddings": True,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout,
+            "tie_word_embeddings": True,
             # GPT2Config defaults both to 50256, wrong for any other vocabulary; save_hf sets
             # them from the tokenizer.
             "bos_token_id": None, "eos_token_id": None,
