@@ -365,10 +365,11 @@ def budget_run(tmp: Path, recipe: Path, corpus: str, overrides: list[str], label
 # today's: the ablation's baseline and `--former`.
 # Its shape apart: in the ablation an override of the caller's (`--set`) must win over it.
 FORMER_SHAPE = ["--model.block_size=256", "--train.micro_batch=16", "--model.attn_dropout=null"]
-FORMER = ["--train.optimizer=adamw", "--train.schedule=cosine", "--model.qk_norm=false",
-          "--model.mlp=swiglu", "--model.tie_embeddings=true", "--train.head_lr=0",
-          "--train.max_steps=900", "--train.warmup_fraction=0", "--train.warmup_steps=50",
-          *FORMER_SHAPE]
+FORMER_LEVERS = ["--train.optimizer=adamw", "--train.schedule=cosine", "--model.qk_norm=false",
+                 "--model.mlp=swiglu", "--model.tie_embeddings=true", "--train.head_lr=0",
+                 "--train.max_steps=900", "--train.warmup_fraction=0",
+                 "--train.warmup_steps=50"]
+FORMER = FORMER_LEVERS + FORMER_SHAPE
 # Each lever of issue 17 switched on alone over the former recipe (its lrs: nanochat's and
 # modded-nanogpt's small-model settings, not tuned here); the last row is today's recipe.
 LEVERS = {
@@ -423,20 +424,23 @@ def ablation(args, tmp: Path) -> list[dict]:
         if args.ablation_steps else [f"--train.time_budget_s={args.ablation_budget}"]
     common = [f"--train.eval_every={args.eval_every}", "--train.eval_batches=20", *args.set]
     rows = []
-    former = [f for f in FORMER if f not in FORMER_SHAPE]
-    base = load_config(Config, args.recipe, data(args.vocab) + FORMER_SHAPE + common + former)
+    base = load_config(Config, args.recipe,
+                       data(args.vocab) + FORMER_SHAPE + common + FORMER_LEVERS)
     levers = {**LEVERS, **shape_levers(base, args.vocab)}
-    rows_flags = {**{name: former + flags for name, flags in levers.items()},
-                  f"today's recipe ({args.recipe.name})": []}
-    for i, (name, flags) in enumerate(rows_flags.items()):
+    # (shape, flags): the shape before the caller's --set, the levers after it; today's
+    # recipe runs in its own shape.
+    rows_flags = {**{name: (FORMER_SHAPE, FORMER_LEVERS + flags)
+                     for name, flags in levers.items()},
+                  f"today's recipe ({args.recipe.name})": ([], [])}
+    for i, (name, (shape, flags)) in enumerate(rows_flags.items()):
         vocab = next((int(f.split("=")[1]) for f in flags
                       if f.startswith("--tokenizer.vocab_size=")), args.vocab)
-        shape = FORMER_SHAPE if flags else []  # today's recipe: its own shape
         # The run's length last: FORMER's max_steps must not override it.
         cfg = load_config(Config, args.recipe, data(vocab) + shape + common + flags + length)
         summary = run_pretraining(cfg, tmp / f"ablation-{i}", progress=False)
         bpb, curve = best_bpb(tmp / f"ablation-{i}")
-        rows.append({"lever": name, "flags": flags, "best_bpb": bpb, "steps": summary["steps"],
+        rows.append({"lever": name, "flags": shape + flags, "best_bpb": bpb,
+                     "steps": summary["steps"],
                      "tokens_per_s": summary["tokens_per_s"], "curve": curve,
                      "load_average": os.getloadavg()[0]})
         print(f"  {name}: {bpb if bpb is None else round(bpb, 3)} bits/byte, "

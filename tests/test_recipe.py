@@ -453,19 +453,21 @@ def test_attn_dropout_off_keeps_the_residual_dropout(attention: str) -> None:
     cfg = tiny_cfg(dropout=0.5, attn_dropout=0.0, attention=attention)
     model = GPT(cfg).train()
     attn = model.blocks["0"].attn
+
+    def attend_of(module):
+        return module._attend_manual if attention == "manual" else module._attend_fused
+
     x = torch.randn(2, 16, 64)
     q, k, v = attn._project(x)
     q, k, v = (t.view(2, 16, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-    attend = attn._attend_manual if attention == "manual" else attn._attend_fused
-    trained = attend(q, k, v, 0)
+    trained = attend_of(attn)(q, k, v, 0)
     attn.eval()
-    torch.testing.assert_close(trained, attend(q, k, v, 0))
+    torch.testing.assert_close(trained, attend_of(attn)(q, k, v, 0))
     assert attn.resid_drop.p == 0.5 and model.drop.p == 0.5
     # Without it, the same attention in train mode drops weights (the default: dropout).
     dropped = GPT(tiny_cfg(dropout=0.5, attention=attention)).train().blocks["0"].attn
     assert dropped.dropout == 0.5 and dropped.attn_drop.p == 0.5
-    assert not torch.allclose(dropped._attend_manual(q, k, v, 0) if attention == "manual"
-                              else dropped._attend_fused(q, k, v, 0), trained)
+    assert not torch.allclose(attend_of(dropped)(q, k, v, 0), trained)
     hf = config_to_hf(tiny_cfg(dropout=0.5, attn_dropout=0.0))
     assert hf["attention_dropout"] == 0.0
     with pytest.raises(ScratchError, match="attn_dropout must be in"):
