@@ -47,18 +47,18 @@ def chat_server(chat_model: Path):
 
 def settle(driver, timeout: float = 60):
     """The newest reply once the page has finished it (streamed to the end, or refused)."""
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def finished(d):
-        replies = d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")
-        last = replies[-1] if replies else None
-        if last is not None and ("error" in last.get_attribute("class")
-                                 or last.get_attribute("data-state") == "done"):
-            return last
-        return False
-
-    return WebDriverWait(driver, timeout).until(finished)
+    # One script reads the newest bubble and its state: the page's own thread runs it whole, so
+    # the streaming bubble cannot be removed (a refusal replaces it) between finding and reading.
+    newest_finished = """
+        const all = document.querySelectorAll(".msg.assistant, .msg.error");
+        const last = all[all.length - 1];
+        if (!last) return null;
+        const over = last.classList.contains("error") || last.dataset.state === "done";
+        return over ? last : null;"""
+    return WebDriverWait(driver, timeout).until(
+        lambda d: d.execute_script(newest_finished) or False)
 
 
 def type_message(driver, text: str) -> None:
