@@ -2,7 +2,7 @@
 
   python bench/bench_pretrain.py [--sections budget,gpt2,side,ablation] [--threads N]
         side: [--shapes cpu,baby] [--compile] [--steps 20] [--repeats 3] [--baby-batch 64]
-        ablation: [--ablation-budget 60 | --ablation-steps N] [--vocab 1024]
+        ablation: [--ablation-budget 60 | --ablation-steps N] [--vocab 1024 (the baseline's)]
         budget, ablation: [--recipe YAML] [--set=--K=V]
         budget: [--corpora shakespeare,austen] [--former]
   (or `make bench`)
@@ -26,8 +26,9 @@
 4. ablation: the former 10-minute recipe at a short budget (`--ablation-budget` seconds, or a
    fixed `--ablation-steps`, which a busy machine cannot skew) with each lever of issue 17
    switched on alone (the budget's shape too: context, vocabulary, tokens a step), and today's
-   recipe; best validation bits per byte, all rows in one run
-   of the bench on one tokenizer and one set of shards, so that they are comparable.
+   recipe; best validation bits per byte, all rows in one run of the bench, on one tokenizer
+   and one set of shards per vocabulary size (the baseline's `--vocab`, today's recipe its
+   own), so that they are comparable.
 Prints Markdown; writes bench/out/pretrain.json. Figures on a shared machine are only as good
 as its load: the load average is printed beside them.
 """
@@ -370,6 +371,7 @@ FORMER_LEVERS = ["--train.optimizer=adamw", "--train.schedule=cosine", "--model.
                  "--train.max_steps=900", "--train.warmup_fraction=0",
                  "--train.warmup_steps=50"]
 FORMER = FORMER_LEVERS + FORMER_SHAPE
+FORMER_VOCAB = 1024  # its tokenizer size: `--former` and the ablation's baseline (`--vocab`)
 # Each lever of issue 17 switched on alone over the former recipe (its lrs: nanochat's and
 # modded-nanogpt's small-model settings, not tuned here); the last row is today's recipe.
 LEVERS = {
@@ -429,9 +431,11 @@ def ablation(args, tmp: Path) -> list[dict]:
     levers = {**LEVERS, **shape_levers(base, args.vocab)}
     # (shape, flags): the shape before the caller's --set, the levers after it; today's
     # recipe runs in its own shape.
+    own_vocab = load_config(Config, args.recipe, list(args.set)).tokenizer.vocab_size
     rows_flags = {**{name: (FORMER_SHAPE, FORMER_LEVERS + flags)
                      for name, flags in levers.items()},
-                  f"today's recipe ({args.recipe.name})": ([], [])}
+                  f"today's recipe ({args.recipe.name})": (
+                      [], [f"--tokenizer.vocab_size={own_vocab}"])}
     for i, (name, (shape, flags)) in enumerate(rows_flags.items()):
         vocab = next((int(f.split("=")[1]) for f in flags
                       if f.startswith("--tokenizer.vocab_size=")), args.vocab)
@@ -499,7 +503,7 @@ def report(results: dict, args) -> None:
             f"{args.ablation_budget:g} s (schedule on the clock)"
         changed = f", with {' '.join(args.set)}" if args.set else ""
         print(f"\nAblation: configs/shakespeare-10min.yaml{changed}, {length} per row, "
-              f"vocabulary {args.vocab}, best validation bits/byte on the held-out 10%:\n")
+              f"baseline vocabulary {args.vocab}, best validation bits/byte on the held-out 10%:\n")
         print("| lever | best val bits/byte | steps | tokens/s | load average |")
         print("|---|---|---|---|---|")
         for r in results["ablation"]:
@@ -533,7 +537,8 @@ def main() -> None:
                    help="budget, ablation: an override of the recipe for every run "
                         "(repeatable), e.g. --set=--model.n_layer=2 for a smaller shape")
     p.add_argument("--eval-every", type=int, default=50, help="ablation: steps per eval")
-    p.add_argument("--vocab", type=int, default=1024, help="ablation: tokenizer size")
+    p.add_argument("--vocab", type=int, default=FORMER_VOCAB,
+                   help="ablation: the baseline's tokenizer size (today's row keeps its own)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0 = torch's default); 1 keeps a busy machine's "
                         "OpenMP threads from waiting on each other")
@@ -556,7 +561,7 @@ def main() -> None:
             variants = {label: args.set}
             if args.former:
                 variants["former recipe" + label.removeprefix(args.recipe.name)] = \
-                    FORMER + args.set
+                    FORMER + [f"--tokenizer.vocab_size={FORMER_VOCAB}"] + args.set
             for i, corpus in enumerate(args.corpora.split(",")):
                 for j, (name, overrides) in enumerate(variants.items()):
                     (tmp / f"budget-{i}-{j}").mkdir()
