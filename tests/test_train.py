@@ -212,6 +212,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run(prepared, tmp_path: Path) 
     assert math.isfinite(whole["val"]["loss"])
 
 
+def test_compile_without_a_cpu_compiler_is_refused_in_one_line(prepared, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Inductor would fail at the first step with a long trace; the loop refuses up front,
+    before the run directory is made."""
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine with no g++ on its PATH
+    with pytest.raises(ScratchError, match=r"needs a C\+\+ compiler \(g\+\+, .*"
+                                           r"or set train.compile=false"):
+        make_trainer(prepared, tmp_path / "run", "--train.compile=true")
+    assert not (tmp_path / "run").exists()
+    make_trainer(prepared, tmp_path / "eager", "--train.compile=false")  # eager needs none
+
+
 def test_list_checkpoints_ignores_incomplete(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / ".step-000010.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000005").mkdir()

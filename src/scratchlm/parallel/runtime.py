@@ -12,6 +12,9 @@ head), clips them across shards and stages, and sums figures over data-parallel 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import sys
 from collections.abc import Callable
 
 import torch
@@ -44,6 +47,18 @@ def apply_activation_checkpointing(model: GPT) -> GPT:
 def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
+
+
+def require_cpu_compiler(device: str) -> None:
+    """On a CPU torch.compile's inductor builds C++ kernels with `$CXX` (g++ by default) at the
+    first step, where a missing compiler ends the run in a long trace: refuse in one line."""
+    if not device.startswith("cpu"):
+        return
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(cxx) is None:
+        raise ScratchError(f"train.compile=true on the CPU needs a C++ compiler ({cxx}, or the "
+                           "one $CXX names) and none was found: install it (Debian: apt-get "
+                           "install g++) or set train.compile=false")
 
 
 class Runtime:
@@ -93,6 +108,8 @@ class Runtime:
 
             self.pipeline = Pipeline(model, info, device, micro_batches,
                                      parallel.pp_schedule, module.objective.token_loss)
+        if compile and not self.pipeline:
+            require_cpu_compiler(device)
         self.forward: Callable = torch.compile(module) if compile and not self.pipeline \
             else module
         # Gradients averaged over data-parallel ranks: by DDP (alone or under ZeRO-1), by FSDP
