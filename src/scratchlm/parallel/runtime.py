@@ -108,10 +108,10 @@ class Runtime:
 
             self.pipeline = Pipeline(model, info, device, micro_batches,
                                      parallel.pp_schedule, module.objective.token_loss)
-        if compile and not self.pipeline:
+        compiled = compile and not self.pipeline
+        if compiled:
             require_cpu_compiler(device)
-        self.forward: Callable = torch.compile(module) if compile and not self.pipeline \
-            else module
+        self.forward: Callable = torch.compile(module) if compiled else module
         # Gradients averaged over data-parallel ranks: by DDP (alone or under ZeRO-1), by FSDP
         # (ZeRO-2/3), or by hand after the backward pass when tensor or pipeline parallelism
         # also runs (DDP's wrapper does not take DTensor parameters or pipeline stages).
