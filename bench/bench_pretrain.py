@@ -370,8 +370,8 @@ FORMER_LEVERS = ["--train.optimizer=adamw", "--train.schedule=cosine", "--model.
                  "--model.mlp=swiglu", "--model.tie_embeddings=true", "--train.head_lr=0",
                  "--train.max_steps=900", "--train.warmup_fraction=0",
                  "--train.warmup_steps=50"]
-FORMER = FORMER_LEVERS + FORMER_SHAPE
-FORMER_VOCAB = 1024  # its tokenizer size: `--former` and the ablation's baseline (`--vocab`)
+FORMER_VOCAB = 1024  # its tokenizer size; in the ablation the baseline's `--vocab` default
+FORMER = FORMER_LEVERS + FORMER_SHAPE + [f"--tokenizer.vocab_size={FORMER_VOCAB}"]
 # Each lever of issue 17 switched on alone over the former recipe (its lrs: nanochat's and
 # modded-nanogpt's small-model settings, not tuned here); the last row is today's recipe.
 LEVERS = {
@@ -561,7 +561,7 @@ def main() -> None:
             variants = {label: args.set}
             if args.former:
                 variants["former recipe" + label.removeprefix(args.recipe.name)] = \
-                    FORMER + [f"--tokenizer.vocab_size={FORMER_VOCAB}"] + args.set
+                    FORMER + args.set
             for i, corpus in enumerate(args.corpora.split(",")):
                 for j, (name, overrides) in enumerate(variants.items()):
                     (tmp / f"budget-{i}-{j}").mkdir()
