@@ -197,6 +197,42 @@ def test_checkpoint_of_another_model_is_refused(prepared, tmp_path: Path) -> Non
     assert snapshot(tmp_path) == before
 
 
+class ScriptedValidation(PretrainObjective):
+    """Pretraining whose validation losses follow a script: lowest at the third evaluation."""
+
+    LOSSES = [5.0, 4.0, 1.0, 3.0, 2.0, 6.0]
+
+    def evaluate(self, runtime) -> dict[str, float]:
+        self.evals = getattr(self, "evals", 0) + 1
+        return {"loss": self.LOSSES[self.evals - 1], "evaluation": float(self.evals)}
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_keep_best_ends_with_the_best_evaluations_weights(prepared, tmp_path: Path,
+                                                          keep_best: bool) -> None:
+    """train.keep_best: final/ holds the weights of the evaluation with the lowest validation
+    loss (step 15 of 30 here), the summary its metrics; off, the last step's."""
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(prepared, tmp_path, "--train.max_steps=30", "--train.eval_every=5",
+                           "--train.checkpoint_every=0", "--train.keep_last=1",
+                           f"--train.keep_best={str(keep_best).lower()}",
+                           objective_class=ScriptedValidation)
+    summary = trainer.run()
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    kept = "step-000015" if keep_best else "step-000030"
+    assert names == (["step-000015", "step-000030"] if keep_best else ["step-000030"])
+    saved = load_file(str(tmp_path / "checkpoints" / kept / "model.safetensors"))
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+    if keep_best:  # the weights did move after step 15
+        last = load_file(str(tmp_path / "checkpoints" / "step-000030" / "model.safetensors"))
+        assert not all(torch.equal(final[k], last[k]) for k in final)
+    assert summary["best_step"] == 15 and summary["best_val_loss"] == 1.0
+    assert summary["val"]["evaluation"] == (3.0 if keep_best else 6.0)
+    assert summary["final_step"] == (15 if keep_best else 30)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(prepared, tmp_path: Path) -> None:
     """Kill a run with SIGKILL mid-way, resume it: the final weights are bitwise those of the

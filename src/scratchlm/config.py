@@ -164,6 +164,11 @@ class TrainConfig:
     """Write a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_last: int = 2
     """Checkpoints kept besides the best by validation loss."""
+    keep_best: bool = False
+    """End with the weights of the evaluation with the lowest validation loss, not the last
+    step's (early stopping's choice; HF Trainer's load_best_model_at_end): each evaluation
+    that improves writes a checkpoint, and the best one's weights become final/ and are the
+    ones a stage's last metrics (its test split) read."""
     max_bad_steps: int = 5
     """Stop after this many steps in a row with a non-finite loss or gradient."""
     time_budget_s: float = 0.0

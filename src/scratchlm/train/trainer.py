@@ -155,6 +155,7 @@ class Trainer:
         self.clock, self.elapsed_before, self.started = time.perf_counter, 0.0, None
         self.held: dict[str, int] | None = None
         self.best_val, self.best_step = math.inf, -1
+        self.best_metrics: dict = {}  # the validation metrics of best_step
         self.bad_in_row, self.skipped = 0, 0
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -247,8 +248,8 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "best_val": self.best_val if math.isfinite(self.best_val) else None,
-                "best_step": self.best_step, "skipped": self.skipped,
-                "max_steps": self.max_steps, "elapsed_s": self.elapsed(),
+                "best_step": self.best_step, "best_metrics": self.best_metrics,
+                "skipped": self.skipped, "max_steps": self.max_steps, "elapsed_s": self.elapsed(),
                 "loader": self.loader.state_dict(),
                 "objective": self.objective.state_dict(), "scaler": self.scaler.state_dict(),
                 "config": asdict(self.run_cfg)}
@@ -281,6 +282,7 @@ class Trainer:
             best = state["best_val"]
             self.best_val = math.inf if best is None else best
             self.best_step, self.skipped = state["best_step"], state["skipped"]
+            self.best_metrics = state.get("best_metrics", {})
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             if self.logger:
@@ -324,11 +326,13 @@ class Trainer:
                     f"checkpoint: {good[-1] if good else 'none'}")
             out_of_time = t.time_budget_s and self.elapsed() >= t.time_budget_s
             done = self.step >= self.max_steps or out_of_time
+            improved = False
             if (t.eval_every and self.step % t.eval_every == 0) or done:
                 last_val = self.evaluate()
                 row.update({f"val_{k}": v for k, v in last_val.items()})
                 if last_val.get("loss", math.inf) < self.best_val:
                     self.best_val, self.best_step = last_val["loss"], self.step
+                    self.best_metrics, improved = last_val, True
                 # Under FSDP every rank must run the forward passes (they gather the weights).
                 sample = self.runtime.call(lambda model, _: self.objective.sample(
                     model, self.step)) if self.runtime.whole and \
@@ -345,15 +349,31 @@ class Trainer:
                             tok_s=f"{row['tokens_per_s']:,.0f}", mfu=f"{row['mfu']:.1%}")
             # No checkpoint in a streak of non-finite steps: the last one written stays the
             # last good one.
-            if ((t.checkpoint_every and self.step % t.checkpoint_every == 0) or done) \
-                    and not self.bad_in_row:
+            if ((t.checkpoint_every and self.step % t.checkpoint_every == 0) or done
+                    or (improved and t.keep_best)) and not self.bad_in_row:
                 self.save()
             if out_of_time:
                 print0(f"[train] time budget of {t.time_budget_s:.0f} s reached at step "
                        f"{self.step}")
                 break
         bar.close()
+        if t.keep_best and 0 < self.best_step < self.step:
+            last_val = self.restore_best(last_val)
         return self.finish(last_val, time.perf_counter() - start)
+
+    def restore_best(self, last_val: dict) -> dict:
+        """The best evaluation's weights back in place (through the checkpoint it wrote, so
+        under every layout); returns its validation metrics. Where that step wrote none (it
+        fell in a streak of non-finite steps) the last step's weights stay."""
+        path = ckpt.step_dir(self.out, self.best_step)
+        if not path.is_dir():
+            print0(f"[train] step {self.best_step} had the lowest validation loss but wrote no "
+                   f"checkpoint (non-finite steps); keeping the last step's weights")
+            return last_val
+        ckpt.load_checkpoint(path, self.module, self.optimizer)
+        print0(f"[train] keeping the weights of step {self.best_step} (validation loss "
+               f"{self.best_val:.4f}), not the last step's ({last_val.get('loss', math.nan):.4f})")
+        return self.best_metrics
 
     def finish(self, last_val: dict, seconds: float) -> dict:
         model_state, extras = ckpt.gather_model_state(self.module, self.runtime.stage_group)
@@ -393,7 +413,8 @@ class Trainer:
                            "zero": self.runtime.zero},
             })
             if math.isfinite(self.best_val):
-                summary.update(best_val_loss=self.best_val, best_step=self.best_step)
+                summary.update(best_val_loss=self.best_val, best_step=self.best_step,
+                               final_step=self.best_step if self.cfg.keep_best else self.step)
         self.objective.finish(self.runtime, self.out, summary)
         if self.main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
