@@ -202,6 +202,27 @@ def test_fine_tuning_dropout_applies_to_training_only(tiny_run: Path, shared_dat
     assert first["0.5"]["val_loss"] == pytest.approx(first["none"]["val_loss"], abs=1e-6)
 
 
+def test_fine_tuning_a_probe_starts_from_its_head(tiny_run: Path, shared_data: Path,
+                                                 tmp_path: Path, capsys) -> None:
+    """LP-FT: a classifier given as --model with the same labels and pooling lends its head
+    (its validation loss is where the probe ended); another pooling gets a new head."""
+    data = f"--classify.data={sms(shared_data)}"
+    probe = run_classify(classify_cfg(tiny_run, data, "--classify.trainable=head",
+                                      "--train.max_steps=20", "--train.eval_every=0"),
+                         tmp_path / "probe", progress=False)
+    first = {}
+    for pooling in ("mean", "last"):
+        cfg = classify_cfg(tmp_path / "probe", data, "--train.max_steps=1", "--train.lr=1e-12",
+                           "--train.eval_every=1", f"--classify.pooling={pooling}")
+        run_classify(cfg, tmp_path / pooling, progress=False)
+        first[pooling] = json.loads((tmp_path / pooling / "metrics.jsonl").read_text()
+                                    .splitlines()[0])
+    out = capsys.readouterr().out
+    assert "starting from the head of" in out and "a new head" in out
+    assert first["mean"]["val_loss"] == pytest.approx(probe["metrics"]["val"]["loss"], abs=1e-5)
+    assert abs(first["last"]["val_loss"] - probe["metrics"]["val"]["loss"]) > 1e-3
+
+
 def test_only_what_is_asked_trains(tiny_run: Path, shared_data: Path, tmp_path: Path) -> None:
     """trainable=last: the last block, the final norm and the head change; the rest does not."""
     from safetensors.torch import load_file

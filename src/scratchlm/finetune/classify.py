@@ -180,6 +180,36 @@ def new_head(model: GPT, n_labels: int) -> nn.Linear:
     return head
 
 
+def probed_head(model_dir: Path, model: GPT, labels: list[str], pooling: str
+                ) -> nn.Linear | None:
+    """The head of the classifier in `model_dir` when it reads the same labels the same way,
+    else None (a new head). Fine-tuning a probe's run this way is LP-FT (Kumar et al. 2022):
+    the body starts from a head that already fits it, so the first steps' gradients do not
+    come from a random head."""
+    meta_path = model_dir / "classifier.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    mine = {"kind": "classifier", "labels": labels, "pooling": pooling}
+    theirs = {"kind": meta.get("kind", "classifier"), "labels": meta["labels"],
+              "pooling": meta["pooling"]}
+    if theirs != mine:
+        print0(f"[classify] {model_dir} is a classifier of {theirs}, not {mine}: a new head")
+        return None
+    print0(f"[classify] starting from the head of {model_dir} (same labels and pooling)")
+    return load_head(model_dir, model, len(labels))
+
+
+def load_head(model_dir: Path, model: GPT, n_labels: int) -> nn.Linear:
+    """The trained head saved beside the model in `model_dir`."""
+    from scratchlm.model.checkpoint import load_extras
+
+    head = new_head(model, n_labels)
+    state = load_extras(model_dir, [HEAD])  # {"classifier.weight": ...}
+    head.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
+    return head
+
+
 def set_trainable(model: GPT, trainable: str, last_blocks: int) -> None:
     """Freeze what does not train. The language-model head is never used by classification:
     an untied one is always frozen (a tied one is the embedding)."""
@@ -238,12 +268,12 @@ class ClassifyObjective(ExampleObjective):
 
     def __init__(self, model: GPT, data: dict[str, list[Example]], labels: list[str],
                  section: ClassifySection, pad_id: int, max_length: int,
-                 truncated: dict[str, int]) -> None:
+                 truncated: dict[str, int], head: nn.Linear | None = None) -> None:
         super().__init__(data)
         self.labels, self.truncated = labels, truncated
         self.pad_id, self.max_length = pad_id, max_length
         self.pooling, self.lm_weight = section.pooling, section.lm_weight
-        self.extras = {HEAD: new_head(model, len(labels))}
+        self.extras = {HEAD: head or new_head(model, len(labels))}
         if not lora_layers(model):  # with LoRA the adapters train, the base stays frozen
             set_trainable(model, section.trainable, section.last_blocks)
 
@@ -380,7 +410,8 @@ def run_classify(cfg: ClassifyConfig, out: Path, resume: bool = False,
     torch.manual_seed(cfg.train.seed)  # the head's (and LoRA's) initialisation
     if cfg.lora.rank:
         apply_lora(model, cfg.lora)
-    objective = ClassifyObjective(model, data, labels, section, pad_id, max_length, cut)
+    head = probed_head(Path(source), model, labels, section.pooling)
+    objective = ClassifyObjective(model, data, labels, section, pad_id, max_length, cut, head)
     trainer = Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tokenizer, resume,
                       progress, dist)
     trainable = trainer.trainable_parameters
@@ -398,7 +429,6 @@ class Classifier:
     """A fine-tuned classifier loaded from its model directory (or run directory)."""
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
-        from scratchlm.model.checkpoint import load_extras
         from scratchlm.model.load import load_pretrained
 
         self.model, self.tokenizer, d = load_pretrained(path, device)
@@ -410,9 +440,7 @@ class Classifier:
         self.directory, self.kind = d, meta.get("kind", "classifier")
         self.labels, self.pooling = meta["labels"], meta["pooling"]
         self.pad_id, self.max_length = meta["pad_id"], meta["max_length"]
-        self.head = new_head(self.model, len(self.labels)).to(device)
-        state = load_extras(d, [HEAD])
-        self.head.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
+        self.head = load_head(d, self.model, len(self.labels)).to(device)
         self.device = device
 
     @torch.no_grad()
