@@ -26,7 +26,8 @@ minutes; reused by later runs).
 --sweep (not part of `make bench`) reruns the validation grid that chose the SMS recipe.
 --seeds (not part of `make bench`) runs the SMS recipe once per fine-tuning seed (the head's
 initialisation and the data order): each run's accuracy, their spread, and the ensemble of the
-runs (their class probabilities averaged). --set adds an override to the SMS recipe.
+runs (their class probabilities averaged). --set adds an override to the SMS recipe (to its
+fine-tuning: the probe's own flags win there); --no-probe leaves the probe out.
 Prints Markdown tables (pasted into the README); writes bench/out/finetune.json.
 """
 
@@ -49,10 +50,11 @@ from scratchlm.utils import data_dir
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("sms", "genre", "lora", "sft", "instruct")
 
-# The SMS recipe, chosen on the validation split only (`--sweep` reruns the grid): the whole
-# model trains, the head reads the mean of the real tokens' states.
+# The SMS recipe's fine-tuning, chosen on the validation split only (`--sweep` reruns the grid
+# of its first version, `--seeds` with --set / --no-probe the later choices): the whole model
+# trains, the head reads the mean of the real tokens' states.
 SMS = ["--classify.balance=undersample", "--classify.trainable=all", "--classify.pooling=mean",
-       "--train.lr=3e-4", "--train.epochs=4"]
+       "--train.lr=5e-5", "--train.epochs=4"]
 # LP-FT (Kumar et al. 2022): the SMS recipe starts from a linear probe's head, trained first
 # with the body frozen; chosen on validation over four fine-tuning seeds (`--seeds`).
 PROBE = ["--classify.trainable=head", "--train.lr=3e-3", "--train.epochs=4"]
@@ -66,14 +68,15 @@ SFT_TRAIN = ["--train.lr=5e-4", "--train.epochs=2"]
 # instruction set's answers are 19 tokens on average, 31 at the 90th percentile.
 MAX_NEW = {"speaker": 12, "continue": 32, "genre": 4, "instruct": 64}
 MAX_SHOTS = 3
-# The validation grid of --sweep: (name, overrides on top of the protocol).
+# The validation grid of --sweep, the recipe's first version (a new head, no probe; lr 3e-4):
+# (name, overrides on top of SMS).
 SWEEP = [
-    ("last, 2 epochs, lr 3e-4", ["--classify.pooling=last", "--train.epochs=2"]),
-    ("last, 4 epochs, lr 3e-4", ["--classify.pooling=last"]),
-    ("mean, 4 epochs, lr 3e-4", []),
+    ("last, 2 epochs, lr 3e-4", ["--classify.pooling=last", "--train.epochs=2", "--train.lr=3e-4"]),
+    ("last, 4 epochs, lr 3e-4", ["--classify.pooling=last", "--train.lr=3e-4"]),
+    ("mean, 4 epochs, lr 3e-4", ["--train.lr=3e-4"]),
     ("mean, 4 epochs, lr 1e-4", ["--train.lr=1e-4"]),
     ("mean, 4 epochs, lr 1e-3", ["--train.lr=1e-3"]),
-    ("mean, 4 epochs, lr 3e-4, LM loss 0.5", ["--classify.lm_weight=0.5"]),
+    ("mean, 4 epochs, lr 3e-4, LM loss 0.5", ["--classify.lm_weight=0.5", "--train.lr=3e-4"]),
 ]
 
 
@@ -152,10 +155,18 @@ def sms_run(model: Path, extra: list[str], out: Path, ft_only: list[str] = ()) -
     head into OUT/ft (`ft_only` added there alone); the second run's figures, the wall time of
     both, and the probe's own accuracy."""
     sms = f"--classify.data={data_dir() / 'sms_spam' / 'SMSSpamCollection'}"
+    if not PROBE:  # --no-probe: from a new head, the recipe before LP-FT
+        return {**classify(model, [sms, *SMS, *extra, *ft_only], out / "ft"), "probe": None}
     probe = classify(model, [sms, *SMS, *extra, *PROBE], out / "probe")
     ft = classify(out / "probe", [sms, *SMS, *extra, *ft_only], out / "ft")
     return {**ft, "wall_s": probe["wall_s"] + ft["wall_s"],
             "probe": {split: probe[split]["accuracy"] for split in ("val", "test")}}
+
+
+def sms_recipe() -> str:
+    """The SMS recipe's flags as the tables' captions show them."""
+    ft = f"`{' '.join(SMS)}`"
+    return f"probe `{' '.join(PROBE)}`, then {ft}" if PROBE else f"{ft}, no probe"
 
 
 def majority_baseline(metrics: dict) -> dict:
@@ -247,7 +258,7 @@ def part_sms(base: Path, tmp: Path, res: dict) -> None:
                   "pretrained": sms_run(base, [], tmp / "sms-pretrained"),
                   "random": sms_run(random_model(base, tmp / "random"), [], tmp / "sms-random")}
     print("\nSMS Spam Collection, balanced (747 + 747), split 70/10/20 with seed 123 "
-          f"(probe `{' '.join(PROBE)}`, then `{' '.join(SMS)}`; wall time of both):\n")
+          f"({sms_recipe()}; wall time of both):\n")
     print("| start | test accuracy | test macro-F1 | val accuracy | train accuracy | steps "
           "| wall time |")
     print("|---|---|---|---|---|---|---|")
@@ -293,13 +304,14 @@ def part_seeds(base: Path, tmp: Path, res: dict, seeds: list[int]) -> None:
         predicted = [classifiers[0].labels[i] for i in mean.argmax(-1).tolist()]  # (examples,)
         ensemble[split] = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
     res["seeds"] = {"runs": runs, "ensemble": ensemble}
-    print(f"\nSMS recipe (probe `{' '.join(PROBE)}`, then `{' '.join(SMS)}`) from {base}, "
-          "one run per fine-tuning seed:\n")
+    print(f"\nSMS recipe ({sms_recipe()}) from {base}, one run per fine-tuning seed:\n")
     print("| fine-tuning seed | test accuracy | val accuracy | val loss | probe alone: test, val |")
     print("|---|---|---|---|---|")
     for seed, r in runs.items():
         print(f"| {seed} | {r['test']['accuracy']:.1%} | {r['val']['accuracy']:.1%} "
-              f"| {r['val']['loss']:.3f} | {r['probe']['test']:.1%}, {r['probe']['val']:.1%} |")
+              f"| {r['val']['loss']:.3f} | " + (f"{r['probe']['test']:.1%}, "
+                                                 f"{r['probe']['val']:.1%}" if r["probe"]
+                                                 else "no probe") + " |")
     test = [r["test"]["accuracy"] for r in runs.values()]
     val = [r["val"]["accuracy"] for r in runs.values()]
     print(f"| mean (min-max) | {statistics.mean(test):.1%} ({min(test):.1%}-{max(test):.1%}) "
@@ -411,6 +423,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(PARTS),
                     help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     ap.add_argument("--sweep", action="store_true", help="also run the SMS validation grid")
+    ap.add_argument("--no-probe", action="store_true", help="the SMS recipe from a new head, "
+                    "without the linear probe first (the recipe before LP-FT)")
     ap.add_argument("--seeds", default="", help="comma-separated fine-tuning seeds: the SMS "
                     "recipe once per seed, and their ensemble")
     ap.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
@@ -420,6 +434,8 @@ def main() -> None:
                     "the `make demo` model, pretrained here where it is missing)")
     args = ap.parse_args()
     SMS.extend(args.set)
+    if args.no_probe:
+        PROBE.clear()
     parts = [p for p in args.only.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
     if bad:
