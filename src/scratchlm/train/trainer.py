@@ -156,6 +156,7 @@ class Trainer:
         self.held: dict[str, int] | None = None
         self.best_val, self.best_step = math.inf, -1
         self.best_metrics: dict = {}  # the validation metrics of best_step
+        self.final_step = 0  # the step whose weights go to final/ (see run)
         self.bad_in_row, self.skipped = 0, 0
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -357,6 +358,7 @@ class Trainer:
                        f"{self.step}")
                 break
         bar.close()
+        self.final_step = self.step
         if t.keep_best and 0 < self.best_step < self.step:
             last_val = self.restore_best(last_val)
         return self.finish(last_val, time.perf_counter() - start)
@@ -371,6 +373,7 @@ class Trainer:
                    f"checkpoint (non-finite steps); keeping the last step's weights")
             return last_val
         ckpt.load_checkpoint(path, self.module, self.optimizer)
+        self.final_step = self.best_step
         print0(f"[train] keeping the weights of step {self.best_step} (validation loss "
                f"{self.best_val:.4f}), not the last step's ({last_val.get('loss', math.nan):.4f})")
         return self.best_metrics
@@ -414,7 +417,7 @@ class Trainer:
             })
             if math.isfinite(self.best_val):
                 summary.update(best_val_loss=self.best_val, best_step=self.best_step,
-                               final_step=self.best_step if self.cfg.keep_best else self.step)
+                               final_step=self.final_step)
         self.objective.finish(self.runtime, self.out, summary)
         if self.main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
