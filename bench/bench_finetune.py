@@ -2,7 +2,7 @@
 machine's CPU.
 
   python bench/bench_finetune.py [--only sms,genre,lora,sft,instruct] [--sweep] [--base DIR]
-                                  [--seeds 1337,1,2,3] [--set=--K=V] (or `make bench`)
+                                  [--seeds 1337,1,2,3] [--no-probe] [--set=--K=V] (or `make bench`)
 
 Every run starts from the demo model (runs/demo/final, made by `make demo`; or --base); where
 there is none, one is pretrained first with configs/demo.yaml into bench/out/finetune-demo/ (about 4
