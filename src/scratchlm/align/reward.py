@@ -41,7 +41,14 @@ from scratchlm.align.data import (
 )
 from scratchlm.config import RewardConfig, RewardSection
 from scratchlm.errors import ScratchError
-from scratchlm.finetune.classify import HEAD, class_logits, new_head, set_trainable
+from scratchlm.finetune.classify import (
+    HEAD,
+    class_logits,
+    classifier_meta,
+    load_head,
+    new_head,
+    set_trainable,
+)
 from scratchlm.model.gpt import GPT
 from scratchlm.parallel import init_distributed, is_main, print0
 from scratchlm.templates import Template, save_template
@@ -241,19 +248,15 @@ class RewardModel:
     scores (prompt, response) pairs rendered with its own template."""
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
-        from scratchlm.model.checkpoint import load_extras
         from scratchlm.model.load import load_pretrained
         from scratchlm.templates import load_template
 
         self.model, self.tokenizer, d = load_pretrained(path, device)
-        meta_path = d / "classifier.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = classifier_meta(d)
         if meta.get("kind") != KIND:
             raise ScratchError(f"{d} is not a reward model (no classifier.json of kind "
                                f"'reward'); train one with `scratchlm align reward`")
-        self.head = new_head(self.model, 1).to(device)
-        state = load_extras(d, [HEAD])
-        self.head.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
+        self.head = load_head(d, self.model, 1).to(device)
         self.template = load_template(d)
         self.pad_id = meta["pad_id"]
         self.max_length, self.max_prompt_length = meta["max_length"], meta["max_prompt_length"]

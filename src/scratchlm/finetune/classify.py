@@ -186,18 +186,23 @@ def probed_head(model_dir: Path, model: GPT, labels: list[str], pooling: str
     else None (a new head). Fine-tuning a probe's run this way is LP-FT (Kumar et al. 2022):
     the body starts from a head that already fits it, so the first steps' gradients do not
     come from a random head."""
-    meta_path = model_dir / "classifier.json"
-    if not meta_path.is_file():
+    meta = classifier_meta(model_dir)
+    if not meta:
         return None
-    meta = json.loads(meta_path.read_text())
     mine = {"kind": "classifier", "labels": labels, "pooling": pooling}
-    theirs = {"kind": meta.get("kind", "classifier"), "labels": meta["labels"],
-              "pooling": meta["pooling"]}
+    theirs = {"kind": meta.get("kind", "classifier"), "labels": meta.get("labels"),
+              "pooling": meta.get("pooling")}
     if theirs != mine:
         print0(f"[classify] {model_dir} is a classifier of {theirs}, not {mine}: a new head")
         return None
     print0(f"[classify] starting from the head of {model_dir} (same labels and pooling)")
     return load_head(model_dir, model, len(labels))
+
+
+def classifier_meta(model_dir: Path) -> dict:
+    """final/classifier.json of a classifier or reward model ({} for any other model)."""
+    path = model_dir / "classifier.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_head(model_dir: Path, model: GPT, n_labels: int) -> nn.Linear:
@@ -432,11 +437,10 @@ class Classifier:
         from scratchlm.model.load import load_pretrained
 
         self.model, self.tokenizer, d = load_pretrained(path, device)
-        meta_path = d / "classifier.json"
-        if not meta_path.is_file():
+        meta = classifier_meta(d)
+        if not meta:
             raise ScratchError(f"{d} is not a classifier (no classifier.json); fine-tune one "
                                "with `scratchlm finetune classify`")
-        meta = json.loads(meta_path.read_text())
         self.directory, self.kind = d, meta.get("kind", "classifier")
         self.labels, self.pooling = meta["labels"], meta["pooling"]
         self.pad_id, self.max_length = meta["pad_id"], meta["max_length"]
