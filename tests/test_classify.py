@@ -22,6 +22,7 @@ from scratchlm.finetune.classify import (
     labelled_splits,
     lm_loss_per_example,
     new_head,
+    pool,
     run_classify,
 )
 from scratchlm.model import GPT, ModelConfig
@@ -82,12 +83,16 @@ def test_genre_task_is_split_by_play() -> None:
 
 
 def test_padding_does_not_change_a_texts_logits() -> None:
-    """The head reads each text's own last token (and mean), whatever the padding after it."""
+    """The head reads each text's own last token (and mean, and max), whatever the padding
+    after it; max pooling is each channel's largest state over the text's own tokens."""
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("gpt2-tiny")).eval()
     head = new_head(model, 3)
     examples = [Example(list(range(5, 5 + n)), 0) for n in (3, 9, 1, 6)]
-    for pooling in ("last", "mean"):
+    hidden = torch.randn(2, 5, 4)
+    torch.testing.assert_close(pool(hidden, torch.tensor([2, 5]), "max"),
+                               torch.stack([hidden[0, :2].amax(0), hidden[1].amax(0)]))
+    for pooling in ("last", "mean", "max"):
         together = class_logits(model, head, collate(examples, pad_id=0), pooling)
         for i, e in enumerate(examples):
             alone = class_logits(model, head, collate([e], pad_id=0), pooling)

@@ -322,7 +322,7 @@ class ClassifySection:
     max_length: int | None = None
     """Most tokens of an example (longer ones are cut at the end, counted and reported);
     None = the model's context."""
-    pooling: Literal["last", "mean"] = "last"
+    pooling: Literal["last", "mean", "max"] = "last"
     """The sequence summary the head reads: the last real token's hidden state, or the mean
     over real tokens."""
     trainable: Literal["head", "last", "all"] = "last"

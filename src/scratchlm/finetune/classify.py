@@ -149,11 +149,13 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """hidden (B, T, C) -> (B, C): the last real position's state, or the mean over real
-    positions (padding is on the right)."""
+    """hidden (B, T, C) -> (B, C): the last real position's state, or the mean or the
+    channel-wise max over real positions (padding is on the right)."""
     if pooling == "last":
         return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
     real = (torch.arange(hidden.size(1), device=hidden.device)[None] < lengths[:, None])
+    if pooling == "max":
+        return hidden.masked_fill(~real[..., None], float("-inf")).amax(1)
     return (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
 
 
