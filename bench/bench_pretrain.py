@@ -286,10 +286,11 @@ def side_by_side(args, tmp: Path) -> list[dict]:
             batch = args.baby_batch
             label = label.format(b=batch)
         batches, vocab = char_batches(8, batch, block)
-        # nanoGPT's architecture in scratchlm's terms: GPT-2 parts without biases.
+        # nanoGPT's architecture in scratchlm's terms: GPT-2 parts without biases, its exact
+        # GELU.
         model_cfg = ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer,
                                 n_head=n_head, n_embd=n_embd, pos_emb="learned",
-                                norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True,
+                                norm="layernorm", mlp="gelu_exact", bias=False, tie_embeddings=True,
                                 dropout=dropout)
         for compiled in [False, True] if args.compile else [False]:
             ours, theirs, ours_cpu, theirs_cpu, mfu, peak = [], [], [], [], [], ""

@@ -14,6 +14,7 @@ from scratchlm.errors import ScratchError
 from scratchlm.memory import count_params
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.model.checkpoint import load_model, save_model
+from scratchlm.model.dropout import dropout
 from scratchlm.model.hf import from_hf, save_hf, to_hf
 from scratchlm.model.logprobs import cross_entropy_sum, sequence_logprobs, token_logprobs
 from scratchlm.parallel.runtime import apply_activation_checkpointing
@@ -24,6 +25,8 @@ HF_GPT2 = [
     dict(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4),
     dict(vocab_size=257, n_positions=32, n_embd=64, n_layer=3, n_head=8, n_inner=100,
          layer_norm_epsilon=1e-6, tie_word_embeddings=True),
+    dict(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+         activation_function="gelu"),  # the exact GELU: our mlp gelu_exact
 ]
 HF_LLAMA = [
     dict(num_attention_heads=8, num_key_value_heads=8),  # multi-head
@@ -148,16 +151,62 @@ def test_manual_attention_equals_fused(preset: str, kw: dict) -> None:
         assert max_diff(pf.grad, pm.grad) < 1e-5, name
 
 
-def test_activation_checkpointing_gives_the_same_gradients() -> None:
-    model = GPT(ModelConfig.from_preset("llama-tiny"))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_activation_checkpointing_gives_the_same_gradients(dropout: float) -> None:
+    """With dropout too: the recomputed forward draws the same masks (the RNG is replayed)."""
+    model = GPT(ModelConfig.from_preset("llama-tiny", dropout=dropout))
     idx = torch.randint(0, 512, (2, 32))
+    torch.manual_seed(1)
     cross_entropy_sum(model(idx)[0], idx)[0].backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     apply_activation_checkpointing(model)
+    torch.manual_seed(1)
     cross_entropy_sum(model(idx)[0], idx)[0].backward()
     for g, p in zip(plain, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_fast_dropout_keeps_the_rate_and_the_expectation() -> None:
+    """The CPU masks: the rate (to 2^-15), independent elements (the four lanes of each 64-bit
+    draw among them), the kept values scaled by 1 / kept fraction, backward through the same
+    mask, the same draws for the same seed; eval and rate 0 are the identity."""
+    x = torch.randn(1001, 999, requires_grad=True)  # not a multiple of 4 elements
+    y = dropout(x, 0.2)
+    kept = y != 0
+    dropped = (~kept).flatten()
+    assert abs(dropped.float().mean().item() - 0.2) < 0.003  # std of the mean: 0.0004
+    # each pair of neighbours (two lanes of one draw, or of two draws) dropped together: p^2
+    for lag in (1, 2, 3, 4):
+        both = (dropped[:-lag] & dropped[lag:]).float().mean().item()
+        assert abs(both - 0.04) < 0.002, lag
+    scale = y[kept] / x[kept]
+    torch.testing.assert_close(scale, torch.full_like(scale, 1 / 0.8), rtol=3e-5, atol=0)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept * (y.sum() / x[kept].sum()).detach(), rtol=1e-4,
+                               atol=0)
+    torch.manual_seed(3)
+    a = dropout(x.detach(), 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout(x.detach(), 0.5))
+    assert dropout(x, 0.5, training=False) is x and dropout(x, 0.0) is x
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_attention_dropout_keeps_the_expectation(attention: str) -> None:
+    """Attention in training with dropout (on a CPU, written out with the fast masks): the
+    mean of many draws is the output without dropout; one draw is not."""
+    attn = GPT(ModelConfig.from_preset("gpt2-tiny", dropout=0.5, attention=attention)
+               ).blocks["0"].attn
+    attn.resid_drop.p = 0.0  # the attention weights' dropout alone
+    x = torch.randn(1, 8, 64)
+    with torch.no_grad():
+        exact = attn.eval()(x)
+        attn.train()
+        draws = torch.stack([attn(x) for _ in range(3000)])
+    size = exact.abs().max().item()
+    assert max_diff(draws[0], exact) > 0.3 * size
+    assert max_diff(draws.mean(0), exact) < 0.05 * size
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
@@ -195,7 +244,8 @@ def test_from_hf_llama_logits(kw: dict) -> None:
 
 
 @pytest.mark.parametrize("preset, kw", [
-    ("gpt2-tiny", {}), ("gpt2-tiny", {"intermediate_size": 100}), ("llama-tiny", {}),
+    ("gpt2-tiny", {}), ("gpt2-tiny", {"intermediate_size": 100}),
+    ("gpt2-tiny", {"mlp": "gelu_exact"}), ("llama-tiny", {}),
     ("llama-tiny", {"n_kv_head": 1, "tie_embeddings": True}), ("llama-tiny", {"bias": True}),
 ])
 def test_to_hf_logits(preset: str, kw: dict) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.model.config import ModelConfig
+from scratchlm.model.dropout import Dropout, fast_path
 from scratchlm.model.kv_cache import KVCache
 
 
@@ -69,8 +70,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True  # scaled init (GPT-2): see GPT._init_weights
-        self.attn_drop = nn.Dropout(cfg.attention_dropout)
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.attn_drop = Dropout(cfg.attention_dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -101,7 +102,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, n_kv_head, past + T, hd)
-        if self.manual:
+        # With attention dropout, SDPA on a CPU falls back to its math path, which draws the
+        # T x T mask with bernoulli_; written out, the mask comes from our faster Dropout.
+        if self.manual or (self.training and self.dropout > 0 and fast_path(q)):
             y = self._attend_manual(q, k, v, past, mask)
         else:
             y = self._attend_fused(q, k, v, past, mask)

@@ -39,9 +39,10 @@ class ModelConfig:
     """Normalisation before attention and MLP (pre-norm) and before the head."""
     norm_eps: float = 1e-5
     """Added to the variance in the norm, for numerical safety."""
-    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
-    """MLP kind: GELU (tanh approximation, as GPT-2), SwiGLU (Shazeer 2020, as Llama) or ReLU²,
-    relu(x)² (So et al. 2021, Primer; modded-nanogpt, nanochat)."""
+    mlp: Literal["gelu", "gelu_exact", "swiglu", "relu2"] = "gelu"
+    """MLP kind: GELU (tanh approximation, as GPT-2), exact GELU (the erf form, as nanoGPT and
+    BERT; about half the cost of the tanh form on a CPU), SwiGLU (Shazeer 2020, as Llama) or
+    ReLU², relu(x)² (So et al. 2021, Primer; modded-nanogpt, nanochat)."""
     bias: bool = True
     """Biases in the linear layers and LayerNorms (GPT-2: yes, Llama: no)."""
     tie_embeddings: bool = True

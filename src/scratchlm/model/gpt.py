@@ -16,6 +16,7 @@ from torch import nn
 from scratchlm.errors import ScratchError
 from scratchlm.model.attention import CausalSelfAttention, rope_cache
 from scratchlm.model.config import ModelConfig
+from scratchlm.model.dropout import Dropout
 from scratchlm.model.kv_cache import KVCache
 
 
@@ -72,6 +73,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         self.relu2 = cfg.mlp == "relu2"
+        self.gelu_form = "none" if cfg.mlp == "gelu_exact" else "tanh"
         if self.swiglu:  # gate and up apart, so tensor parallelism can split each
             self.gate = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
             self.up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
@@ -79,7 +81,7 @@ class MLP(nn.Module):
             self.fc = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
         self.proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -87,7 +89,7 @@ class MLP(nn.Module):
         elif self.relu2:
             h = F.relu(self.fc(x)).square()
         else:
-            h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's tanh approximation
+            h = F.gelu(self.fc(x), approximate=self.gelu_form)  # (B, T, intermediate_size)
         return self.drop(self.proj(h))
 
 
@@ -112,7 +114,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" \
             else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # Keyed by layer number (names "blocks.0", ... as a list would give) so that a pipeline
         # stage can keep some blocks and drop the rest without renaming them.
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})

@@ -20,6 +20,10 @@ from scratchlm.model.config import ModelConfig
 from scratchlm.model.gpt import GPT
 from scratchlm.utils import atomic_write_text, save_tensors
 
+# GPT-2's activation_function names of Hugging Face -> our mlp: its tanh GELU by two names, the
+# exact (erf) one as "gelu".
+GPT2_GELU = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
+
 # ------------------------------------------------------------------------------------------------
 # configs
 
@@ -29,9 +33,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        if act not in GPT2_GELU:
             raise ScratchError(f"GPT-2 config: activation_function {act!r} is not supported "
-                               "(only GPT-2's tanh GELU, 'gelu_new')")
+                               f"(only GELU: {', '.join(sorted(GPT2_GELU))})")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise ScratchError("GPT-2 config: scale_attn_by_inverse_layer_idx and "
                                "reorder_and_upcast_attn are not supported")
@@ -39,7 +43,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
             vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
             intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"], pos_emb="learned",
-            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp=GPT2_GELU[act],
             bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
             dropout=0.0)
     if kind == "llama":
@@ -81,9 +85,10 @@ def family(cfg: ModelConfig) -> str:
         raise ScratchError(f"model.{beyond[0].replace(' ', '=')} has no counterpart in "
                            "GPT2LMHeadModel or LlamaForCausalLM, so this model cannot be "
                            "converted to transformers; train without it to export")
-    gpt2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
+    gpt2 = dict(pos_emb="learned", norm="layernorm", bias=True, tie_embeddings=True)
     llama = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
-    if all(getattr(cfg, k) == v for k, v in gpt2.items()) and cfg.n_kv_head == cfg.n_head \
+    if all(getattr(cfg, k) == v for k, v in gpt2.items()) and cfg.mlp in ("gelu", "gelu_exact") \
+            and cfg.n_kv_head == cfg.n_head \
             and cfg.head_dim * cfg.n_head == cfg.n_embd:
         return "gpt2"
     if all(getattr(cfg, k) == v for k, v in llama.items()):
@@ -99,7 +104,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
             "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "n_inner": cfg.intermediate_size, "activation_function": "gelu_new",
+            "n_inner": cfg.intermediate_size,
+            "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
             "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout,
             "tie_word_embeddings": True,

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from scratchlm.config import LORA_TARGETS, LoRAConfig
 from scratchlm.errors import ScratchError
+from scratchlm.model.dropout import Dropout
 from scratchlm.model.gpt import GPT, tied_weights
 from scratchlm.utils import atomic_write_text, save_tensors
 
@@ -52,7 +53,7 @@ class LoRA(nn.Module):
         # A as a linear layer's default init (Kaiming-uniform, a = sqrt(5)); B zero.
         nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
         self.scale = alpha / rank
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.merged = False
 
     def delta(self) -> torch.Tensor:
