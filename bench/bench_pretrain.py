@@ -22,7 +22,8 @@
    `--steps` steps after warm-up, runs alternate between the two, median of `--repeats`.
    scratchlm's row is its real training step (Trainer.train_step: clipping, schedule, AdamW
    fused, its host syncs); data loading is left out of both. `--compile` adds the
-   torch.compile rows of both.
+   torch.compile rows of both. Beside them, dropout alone at the baby shape's sizes (rate 0.2,
+   forward and backward): PyTorch's F.dropout against scratchlm's CPU masks.
 4. ablation: the former 10-minute recipe at a short budget (`--ablation-budget` seconds, or a
    fixed `--ablation-steps`, which a busy machine cannot skew) with each lever of issue 17
    switched on alone (the budget's shape too: context, vocabulary, tokens a step), and today's
@@ -51,6 +52,7 @@ from torch import nn
 
 from scratchlm.config import Config, load_config
 from scratchlm.model.config import ModelConfig
+from scratchlm.model.dropout import dropout
 from scratchlm.model.gpt import GPT
 from scratchlm.model.logprobs import cross_entropy_sum
 from scratchlm.train.objective import Objective
@@ -320,6 +322,27 @@ def side_by_side(args, tmp: Path) -> list[dict]:
     return rows
 
 
+def dropout_kernels(repeats: int = 5, calls: int = 20) -> list[dict]:
+    """Milliseconds of one dropout's forward and backward (rate 0.2), F.dropout against
+    scratchlm's, at the baby GPT's sizes (batch 8): the residual stream and the attention
+    weights; median of `repeats` runs of `calls` calls, the two alternating."""
+    rows = []
+    for name, shape in (("residual stream, 8 x 256 x 384", (8, 256, 384)),
+                        ("attention weights, 8 x 6 x 256 x 256", (8, 6, 256, 256))):
+        x = torch.randn(shape, requires_grad=True)
+        grad = torch.randn(shape)
+        times: dict[str, list[float]] = {"torch": [], "scratchlm": []}
+        for _ in range(repeats):
+            for side, fn in (("torch", F.dropout), ("scratchlm", dropout)):
+                fn(x, 0.2).backward(grad)
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fn(x, 0.2).backward(grad)
+                times[side].append((time.perf_counter() - t) / calls * 1e3)
+        rows.append({"tensor": name, **{k: statistics.median(v) for k, v in times.items()}})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # the recipe: a 10-minute budget, and the levers' ablation
 
@@ -499,6 +522,12 @@ def report(results: dict, args) -> None:
                   f"{r['cpu_ratio']:.2f}x | {r['scratchlm_mfu']:.1%} | "
                   f"{r['load_average']:.1f} |")
         print(f"\nMFU peak: {results['side'][0]['peak']}")
+        print("\nDropout alone (rate 0.2, forward + backward, ms; median of 5 x 20 calls):\n")
+        print("| tensor | F.dropout | scratchlm | ratio |")
+        print("|---|---|---|---|")
+        for r in results["dropout"]:
+            print(f"| {r['tensor']} | {r['torch']:.2f} | {r['scratchlm']:.2f} "
+                  f"| {r['torch'] / r['scratchlm']:.1f}x |")
     if "ablation" in results:
         length = f"{args.ablation_steps} steps" if args.ablation_steps else \
             f"{args.ablation_budget:g} s (schedule on the clock)"
@@ -554,6 +583,7 @@ def main() -> None:
         tmp = Path(tmp)
         if "side" in sections:
             results["side"] = side_by_side(args, tmp)
+            results["dropout"] = dropout_kernels()
         if "ablation" in sections:
             results["ablation"] = ablation(args, tmp)
         if "budget" in sections:

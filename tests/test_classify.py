@@ -203,7 +203,9 @@ def test_fine_tuning_dropout_applies_to_training_only(tiny_run: Path, shared_dat
                            "--train.lr=1e-12", "--train.eval_every=1", *extra)
         run_classify(cfg, tmp_path / rate, progress=False)
         first[rate] = json.loads((tmp_path / rate / "metrics.jsonl").read_text().splitlines()[0])
-    assert abs(first["0.5"]["loss"] - first["none"]["loss"]) > 1e-3
+    # A new head starts near ln 2 whatever the features, so dropout moves the loss little, but
+    # without it the two runs are the same computation (equal to float noise, ~1e-7).
+    assert abs(first["0.5"]["loss"] - first["none"]["loss"]) > 1e-4
     assert first["0.5"]["val_loss"] == pytest.approx(first["none"]["val_loss"], abs=1e-6)
 
 

@@ -52,8 +52,9 @@ class ModelConfig:
     attn_dropout: float | None = None
     """Dropout on the attention weights alone; None = `dropout`. 0 with `dropout` > 0 keeps
     the residual and embedding dropout and lets the CPU run SDPA's fused kernel, which has no
-    dropout: with it, SDPA falls back to the math path, which builds and masks the T x T
-    probabilities (at the 10-minute recipe's shape: 635 steps in the budget instead of 546)."""
+    dropout: with it, attention in training is written out, building and masking the T x T
+    probabilities (at the 10-minute recipe's shape, with SDPA's own math path then: 635 steps
+    in the budget instead of 546)."""
     attention: Literal["sdpa", "manual"] = "sdpa"
     """Attention kernel: PyTorch's fused scaled_dot_product_attention, or written out."""
     init_std: float = 0.02
