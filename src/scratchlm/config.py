@@ -323,8 +323,8 @@ class ClassifySection:
     """Most tokens of an example (longer ones are cut at the end, counted and reported);
     None = the model's context."""
     pooling: Literal["last", "mean", "max"] = "last"
-    """The sequence summary the head reads: the last real token's hidden state, or the mean
-    over real tokens."""
+    """The sequence summary the head reads: the last real token's hidden state, or the mean or
+    each channel's max over real tokens."""
     trainable: Literal["head", "last", "all"] = "last"
     """What trains: the head only; the last `last_blocks` blocks + final norm + head (the
     book's recipe); or everything."""

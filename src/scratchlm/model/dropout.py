@@ -1,13 +1,13 @@
 """Dropout (Srivastava et al. 2014) with masks drawn fast on a CPU.
 
 PyTorch draws a CPU dropout mask with `bernoulli_`, about 8 ns an element on two threads here;
-at the baby-GPT shape (dropout 0.2, 19 masks a step, most of them on the T x T attention
+at the baby-GPT shape (dropout 0.2, 19 masks a step, six of them on the T x T attention
 weights) that is about a seventh of a training step. Here a mask is 15-bit random integers
-compared with a threshold, four of them cut from each 64-bit draw: a quarter of the cost or
-less. The rate is rounded to a multiple of 2^-15
-(0.2 -> 0.200012) and the kept values are scaled by the exact inverse of the kept fraction, so
-every activation keeps its expectation, as with F.dropout. The mask is saved as booleans for
-backward, as PyTorch's own dropout saves it.
+compared with a threshold, four of them cut from each 64-bit draw: forward and backward
+together cost about a third of F.dropout's (`bench/bench_pretrain.py --sections side`). The
+rate is rounded to a multiple of 2^-15 (0.2 -> 0.200012) and the kept values are scaled by the
+exact inverse of the kept fraction, so every activation keeps its expectation, as with
+F.dropout. The mask is saved as booleans for backward, as PyTorch's own dropout saves it.
 
 Elsewhere F.dropout runs unchanged: on a GPU (its fused Philox kernel is already fast), on
 DTensors (tensor parallelism's random streams) and under torch.compile (which generates its own
