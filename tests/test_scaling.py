@@ -227,3 +227,17 @@ def test_plan_command(capsys) -> None:
     assert "give --sweep DIR" in capsys.readouterr().err
     assert main(["scaling", "fit", "--sweep", "/nonexistent/sweep"]) == 2
     assert "no sweep results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "gelu_exact", "relu2", "swiglu"])
+def test_sweep_shapes_give_every_mlp_the_same_parameters_per_layer(mlp: str) -> None:
+    """A sweep size's MLP: 4x wide for the one-matrix kinds (GELU, ReLU², as ModelConfig's own
+    default), 8/3x for SwiGLU's two matrices, so that 2 x 192 means one size whatever the MLP
+    (ReLU² once got SwiGLU's width: a third fewer MLP parameters)."""
+    from scratchlm.model import ModelConfig
+    from scratchlm.scaling.sweep import shape
+
+    cfg = shape(ModelConfig(mlp=mlp), "2x192", 64, 1000)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size) == (2, 192, 3, 1000)
+    matrices = 3 if mlp == "swiglu" else 2
+    assert matrices * cfg.intermediate_size * 192 == pytest.approx(8 * 192 * 192, rel=0.01)

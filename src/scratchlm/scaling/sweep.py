@@ -103,7 +103,9 @@ def shape(base: ModelConfig, size: str, head_dim: int, vocab_size: int) -> Model
         raise ScratchError(f"sweep size {size!r}: the width must be a multiple of "
                            f"sweep.head_dim ({head_dim}) or below it (one head)")
     n_head = max(1, width // head_dim)
-    inner = 4 * width if base.mlp in ("gelu", "gelu_exact") else 16 * math.ceil(8 * width / 3 / 16)
+    # 4x for the one-matrix MLPs (GELU, ReLU²), Llama's 8/3 for SwiGLU's two, rounded to 16:
+    # the same parameters per layer either way.
+    inner = 16 * math.ceil(8 * width / 3 / 16) if base.mlp == "swiglu" else 4 * width
     return dataclasses.replace(base, n_layer=layers, n_embd=width, n_head=n_head,
                                n_kv_head=None, head_dim=None, intermediate_size=inner,
                                vocab_size=vocab_size)
