@@ -151,10 +151,10 @@ def test_manual_attention_equals_fused(preset: str, kw: dict) -> None:
         assert max_diff(pf.grad, pm.grad) < 1e-5, name
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_activation_checkpointing_gives_the_same_gradients(dropout: float) -> None:
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_activation_checkpointing_gives_the_same_gradients(rate: float) -> None:
     """With dropout too: the recomputed forward draws the same masks (the RNG is replayed)."""
-    model = GPT(ModelConfig.from_preset("llama-tiny", dropout=dropout))
+    model = GPT(ModelConfig.from_preset("llama-tiny", dropout=rate))
     idx = torch.randint(0, 512, (2, 32))
     torch.manual_seed(1)
     cross_entropy_sum(model(idx)[0], idx)[0].backward()
