@@ -54,7 +54,7 @@ PARTS = ("sms", "genre", "lora", "sft", "instruct")
 # of its first version, `--seeds` with --set / --no-probe the later choices): the whole model
 # trains, the head reads each channel's largest state over the real tokens.
 SMS = ["--classify.balance=undersample", "--classify.trainable=all", "--classify.pooling=max",
-       "--train.lr=3e-5", "--train.epochs=4"]
+       "--train.lr=2e-5", "--train.epochs=4"]
 # LP-FT (Kumar et al. 2022): the SMS recipe starts from a linear probe's head, trained first
 # with the body frozen; chosen on validation over four fine-tuning seeds (`--seeds`).
 PROBE = ["--classify.trainable=head", "--train.lr=3e-3", "--train.epochs=4"]
