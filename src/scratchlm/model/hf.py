@@ -21,7 +21,7 @@ from scratchlm.model.gpt import GPT
 from scratchlm.utils import atomic_write_text, save_tensors
 
 # GPT-2's activation_function names of Hugging Face -> our mlp: its tanh GELU by two names, the
-# exact (erf) one as "gelu".
+# exact (erf) one as "gelu". Export writes the first name of each.
 GPT2_GELU = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 
 # ------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def family(cfg: ModelConfig) -> str:
                            "converted to transformers; train without it to export")
     gpt2 = dict(pos_emb="learned", norm="layernorm", bias=True, tie_embeddings=True)
     llama = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
-    if all(getattr(cfg, k) == v for k, v in gpt2.items()) and cfg.mlp in ("gelu", "gelu_exact") \
+    if all(getattr(cfg, k) == v for k, v in gpt2.items()) and cfg.mlp in GPT2_GELU.values() \
             and cfg.n_kv_head == cfg.n_head \
             and cfg.head_dim * cfg.n_head == cfg.n_embd:
         return "gpt2"
@@ -105,7 +105,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": cfg.intermediate_size,
-            "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
+            "activation_function": next(k for k, v in GPT2_GELU.items() if v == cfg.mlp),
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
             "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout,
             "tie_word_embeddings": True,
