@@ -302,9 +302,16 @@ class Trainer:
         self.module.train()
         start = time.perf_counter()
         self.started = self.clock()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.objective.name,
-                   unit="step", disable=not self.progress)
+        # With a time budget the clock ends the run, not max_steps (a cap): the bar counts the
+        # budget's seconds, so its estimate of what is left is the budget's.
+        budget = t.time_budget_s
+        bar = tqdm(total=budget or self.max_steps, initial=min(self.elapsed(), budget)
+                   if budget else self.step, desc=self.objective.name, unit="step",
+                   disable=not self.progress,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
+                   "{postfix}]" if budget else None)
         last_val: dict = {}
+        out_of_time = False
         while self.step < self.max_steps:
             t0 = time.perf_counter()
             row = self.train_step()
@@ -345,8 +352,8 @@ class Trainer:
                                + (f" | {sample[:200]!r}" if sample else ""))
             if self.logger:
                 self.logger.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}",
+            bar.update(min(row["time_s"], budget) - bar.n if budget else 1)
+            bar.set_postfix(step=self.step, loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}",
                             tok_s=f"{row['tokens_per_s']:,.0f}", mfu=f"{row['mfu']:.1%}")
             # No checkpoint in a streak of non-finite steps: the last one written stays the
             # last good one.
@@ -354,10 +361,10 @@ class Trainer:
                     or (improved and t.keep_best)) and not self.bad_in_row:
                 self.save()
             if out_of_time:
-                print0(f"[train] time budget of {t.time_budget_s:.0f} s reached at step "
-                       f"{self.step}")
                 break
         bar.close()
+        if out_of_time:  # after the bar, so the line is not written into it
+            print0(f"[train] time budget of {t.time_budget_s:.0f} s reached at step {self.step}")
         self.final_step = self.step
         if t.keep_best and 0 < self.best_step < self.step:
             last_val = self.restore_best(last_val)
