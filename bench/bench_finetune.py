@@ -51,11 +51,12 @@ from scratchlm.utils import data_dir
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("sms", "genre", "lora", "sft", "instruct")
 
-# The SMS recipe's fine-tuning, chosen on the validation split only (`--sweep` reruns the grid
-# of its first version, `--seeds` with --set / --no-probe the later choices): the whole model
+# The SMS recipe's fine-tuning, chosen without the test split (`--sweep` reruns the grid of
+# its first version, `--seeds` with --set / --no-probe the later choices on validation, `--cv`
+# its learning rate by 5-fold cross-validation on training + validation): the whole model
 # trains, the head reads each channel's largest state over the real tokens.
 SMS = ["--classify.balance=undersample", "--classify.trainable=all", "--classify.pooling=max",
-       "--train.lr=2e-5", "--train.epochs=4"]
+       "--train.lr=1e-4", "--train.epochs=4"]
 # LP-FT (Kumar et al. 2022): the SMS recipe starts from a linear probe's head, trained first
 # with the body frozen; chosen on validation over four fine-tuning seeds (`--seeds`).
 PROBE = ["--classify.trainable=head", "--train.lr=3e-3", "--train.epochs=4"]
@@ -390,7 +391,7 @@ def part_cv(base: Path, tmp: Path, res: dict, k: int) -> None:
     res["cv"] = {"folds": runs, "accuracy": accuracy, "loss": loss, "examples": n,
                  "wrong": round(n * (1 - accuracy)), "recipe": sms_recipe()}
     print(f"\nSMS recipe ({sms_recipe()}) from {base}, {k}-fold cross-validation on the "
-          f"training + validation splits ({n} messages; test untouched):\n")
+          f"training + validation splits ({n:,} messages; test untouched):\n")
     print("| folds | accuracy | wrong | loss | wall time |")
     print("|---|---|---|---|---|")
     print(f"| {k} | **{accuracy:.2%}** | {res['cv']['wrong']} | {loss:.3f} "
