@@ -69,7 +69,7 @@ def flags(small: tuple[Path, Path], *overrides: str) -> list[str]:
 
 
 def make_trainer(small: tuple[Path, Path], out: Path, *overrides: str,
-                 resume: bool = False) -> Trainer:
+                 resume: bool = False, progress: bool = False) -> Trainer:
     cfg = load_config(Config, ROOT / "configs" / "tiny-cpu.yaml", flags(small, *overrides))
     tok = BPETokenizer.load(small[0])
     model, cfg = build_model(cfg, tok)
@@ -77,7 +77,7 @@ def make_trainer(small: tuple[Path, Path], out: Path, *overrides: str,
                                   cfg.model.block_size, cfg.model.vocab_size,
                                   cfg.train.eval_batches, cfg.train.sample_tokens)
     return Trainer(cfg.train, cfg.parallel, model, objective, out, cfg, tok, resume,
-                   progress=False)
+                   progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,13 +343,14 @@ def test_schedule_follows_the_time_budget_with_a_fake_clock() -> None:
     assert run_position(7, total, 1e9, 0.0) == 7  # no budget: steps only
 
 
-def clocked_run(small, tmp_path: Path, *flags: str) -> tuple[Trainer, list[dict]]:
+def clocked_run(small, tmp_path: Path, *flags: str,
+                progress: bool = False) -> tuple[Trainer, list[dict]]:
     """A run with a fake clock at 10 s a step (max_steps far away, the last half of the run a
     cool-down), and its metrics rows."""
     trainer = make_trainer(small, tmp_path, "--train.optimizer=adamw", "--train.max_steps=1000",
                            "--train.eval_every=0", "--train.decay_fraction=0.5",
                            "--train.checkpoint_every=0", "--train.global_batch_tokens=1024",
-                           *flags)
+                           *flags, progress=progress)
     trainer.clock = lambda: 10.0 * trainer.step
     trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -358,15 +359,18 @@ def clocked_run(small, tmp_path: Path, *flags: str) -> tuple[Trainer, list[dict]
 
 def test_trainer_schedule_and_stop_follow_the_clock(small, tmp_path: Path, capsys) -> None:
     """Through the loop, with a fake clock at 10 s per step and a 40 s budget (max_steps far
-    away): warm-up and cool-down are shares of the budget, and the run stops at 40 s."""
+    away): warm-up and cool-down are shares of the budget, and the run stops at 40 s; the
+    progress bar counts the budget's seconds, not the 1,000 steps."""
     trainer, rows = clocked_run(small, tmp_path, "--train.time_budget_s=40",
-                                "--train.warmup_fraction=0.25")
+                                "--train.warmup_fraction=0.25", progress=True)
     lr = trainer.cfg.lr
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # Positions 0, 250, 500, 750 of 1000: first warm-up step, peak, peak, halfway down.
     assert [r["lr"] for r in rows] == pytest.approx(
         [lr / 250, lr, lr, lr - 0.5 * (lr - lr * trainer.cfg.min_lr_ratio)])
-    assert "time budget of 40 s reached at step 4" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "time budget of 40 s reached at step 4" in shown.out
+    assert "40/40 s" in shown.err and "step=4" in shown.err and "/1000" not in shown.err
 
 
 def test_warmup_steps_count_steps_under_the_clock(small, tmp_path: Path) -> None:
