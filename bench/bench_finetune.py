@@ -107,8 +107,10 @@ def base_model() -> Path:
     from scratchlm.demo import run_demo
 
     out = Path(results_file.__file__).parent / "out" / "finetune-demo"
-    print(f"no {demo}: pretraining the demo model into {out} (configs/demo.yaml)", flush=True)
-    run_demo(load_config(Config, ROOT / "configs" / "demo.yaml"), out, progress=False)
+    if not (out / "final" / "config.json").is_file():  # else reused without the demo's report
+        print(f"no {demo}: pretraining the demo model into {out} (configs/demo.yaml)",
+              flush=True)
+        run_demo(load_config(Config, ROOT / "configs" / "demo.yaml"), out, progress=False)
     return out / "final"
 
 
