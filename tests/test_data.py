@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from scratchlm.data.readers import iter_documents
 from scratchlm.data.shards import open_shard, read_header, write_shard
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
+from scratchlm.utils import atomic_write_text, stale_temporaries
 
 
 def books() -> FilterConfig:
@@ -360,8 +362,12 @@ def test_prepare_resumes_after_a_crash(tmp_path: Path, tok_dir: Path, shared_dat
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
     assert not (tmp_path / "again" / "manifest.json").exists()
-    # What a kill inside the state's atomic write leaves: its temporary, never renamed.
-    (tmp_path / "again" / f"{prepare_mod.STATE}.k1ll3d.tmp").write_text('{"key": ')
+    # What a kill inside the state's atomic write leaves: its temporary, never renamed (a
+    # name written by hand here once matched the clean-up's pattern and not the real one).
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", lambda src, dst: None)  # killed before the rename
+        atomic_write_text(tmp_path / "again" / prepare_mod.STATE, '{"key": ')
+    assert len(stale_temporaries(tmp_path / "again" / prepare_mod.STATE)) == 1
     monkeypatch.setattr(prepare_mod, "finish_shard", real_finish)
     resumed = prepare(corpus, tok_dir, tmp_path / "again", cfg, progress=False)
     assert not list((tmp_path / "again").glob(".*"))  # no partial, state or temporary left

@@ -10,6 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files or directories that an atomic write of `path` (atomic_write_text,
+    atomic_dir) leaves where its process is killed before the rename."""
+    path = Path(path)
+    return list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` so that readers see the old file or the new one, never half of
     one: write a temporary file in the same directory, flush it to disk, then rename it."""
@@ -92,7 +99,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
     path = check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-way
+    for stale in stale_temporaries(path):  # left by a process killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

@@ -43,7 +43,7 @@ from scratchlm.data.shards import ShardFile, token_dtype
 from scratchlm.data.words import SpacyRules, spacy_rules, use_spacy_rules
 from scratchlm.errors import ScratchError
 from scratchlm.tokenizer import BPETokenizer
-from scratchlm.utils import atomic_write_text
+from scratchlm.utils import atomic_write_text, stale_temporaries
 
 MANIFEST = "manifest.json"
 BATCH_CHARS = 1 << 19
@@ -349,7 +349,8 @@ def prepare(
     state = _load_state(out, key)
     if state is None:
         _clear_leftovers(out, say=True)
-    for tmp in out.glob(f"{STATE}.*.tmp"):  # a state save that was killed before its rename
+    # A state save killed before its rename leaves its temporary file.
+    for tmp in stale_temporaries(out / STATE):
         tmp.unlink(missing_ok=True)
     try:
         return _prepare_local(out, key, state, tok, tokenizer_dir, cfg, named, documents,
