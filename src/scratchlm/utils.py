@@ -10,11 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _temporary(path: Path) -> dict:
+    """Where and under what name the atomic writes of `path` put their temporary (mkstemp's and
+    mkdtemp's arguments): hidden, beside it, so the rename stays on one filesystem."""
+    return {"dir": path.parent, "prefix": f".{path.name}.", "suffix": ".tmp"}
+
+
 def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """The temporary files or directories that an atomic write of `path` (atomic_write_text,
-    atomic_dir) leaves where its process is killed before the rename."""
-    path = Path(path)
-    return list(path.parent.glob(f".{path.name}.*.tmp"))
+    atomic_path, atomic_dir) leaves where its process is killed before the rename."""
+    t = _temporary(Path(path))
+    return list(t["dir"].glob(f"{t['prefix']}*{t['suffix']}"))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -22,7 +28,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     one: write a temporary file in the same directory, flush it to disk, then rename it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(**_temporary(path))
     try:
         os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -61,7 +67,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     on failure removed, so `path` never holds a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(**_temporary(path))
     os.fchmod(fd, _file_mode())
     os.close(fd)
     try:
@@ -101,7 +107,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_temporaries(path):  # left by a process killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(**_temporary(path)))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())

@@ -305,11 +305,10 @@ class Trainer:
         # With a time budget the clock ends the run, not max_steps (a cap): the bar counts the
         # budget's seconds, so its estimate of what is left is the budget's.
         budget = t.time_budget_s
-        bar = tqdm(total=budget or self.max_steps, initial=min(self.elapsed(), budget)
-                   if budget else self.step, desc=self.objective.name, unit="step",
-                   disable=not self.progress,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
-                   "{postfix}]" if budget else None)
+        counted = dict(total=budget, initial=min(self.elapsed(), budget),
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
+                       "{postfix}]") if budget else dict(total=self.max_steps, initial=self.step)
+        bar = tqdm(**counted, desc=self.objective.name, unit="step", disable=not self.progress)
         last_val: dict = {}
         out_of_time = False
         while self.step < self.max_steps:
