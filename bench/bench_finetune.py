@@ -77,10 +77,10 @@ SFT_TRAIN = ["--train.lr=5e-4", "--train.epochs=2"]
 MAX_NEW = {"speaker": 12, "continue": 32, "genre": 4, "instruct": 64}
 MAX_SHOTS = 3
 # --base mail: the demo recipe on e-mail (deduplicated; no quality filter: the web rules drop
-# most mail, and short, number-laden text is what SMS is), for 10 minutes of the
-# machine whatever its speed (max_steps is only a cap; warm-up and decay follow the clock).
-MAIL_PRETRAIN = ["--data.filters.preset=none", "--train.time_budget_s=600",
-                 "--train.max_steps=5000", "--train.eval_every=250", "--train.checkpoint_every=250"]
+# most mail, and short, number-laden text is what SMS is), for --mail-minutes of the machine
+# whatever its speed (max_steps is only a cap; warm-up and decay follow the clock).
+MAIL_PRETRAIN = ["--data.filters.preset=none", "--train.max_steps=5000",
+                 "--train.eval_every=250", "--train.checkpoint_every=250"]
 # The validation grid of --sweep, the recipe's first version (a new head, no probe, lr 3e-4,
 # mean pooling: SWEEP_BASE): (name, overrides on top of SMS + SWEEP_BASE).
 SWEEP_BASE = ["--train.lr=3e-4", "--classify.pooling=mean"]
@@ -114,20 +114,24 @@ def base_model() -> Path:
     return out / "final"
 
 
-def mail_model() -> Path:
+def mail_model(minutes: int = 10) -> Path:
     """A base that has read e-mail: the demo recipe pretrained on the bodies of the
-    SpamAssassin public mail corpus (bench/mail_corpus.py; labels never read) for 10 minutes
-    of this machine, into bench/out/finetune-mail/ (reused by later runs)."""
+    SpamAssassin public mail corpus (bench/mail_corpus.py; labels never read) for `minutes` of
+    this machine, into bench/out/finetune-mail/ (10 minutes) or finetune-mail-{minutes}min/,
+    reused by later runs."""
     import mail_corpus
 
     from scratchlm.config import Config
     from scratchlm.train.pretrain import run_pretraining
 
-    out = Path(results_file.__file__).parent / "out" / "finetune-mail"
+    name = "finetune-mail" if minutes == 10 else f"finetune-mail-{minutes}min"
+    out = Path(results_file.__file__).parent / "out" / name
     if not (out / "final" / "config.json").is_file():
         cfg = load_config(Config, ROOT / "configs" / "demo.yaml",
-                          [f"--data.inputs=[{mail_corpus.build()}]", *MAIL_PRETRAIN])
-        print(f"pretraining the demo recipe on e-mail into {out} (10 minutes)", flush=True)
+                          [f"--data.inputs=[{mail_corpus.build()}]", *MAIL_PRETRAIN,
+                           f"--train.time_budget_s={minutes * 60}"])
+        print(f"pretraining the demo recipe on e-mail into {out} ({minutes} minutes)",
+              flush=True)
         run_pretraining(cfg, out, progress=False)
     return out / "final"
 
@@ -521,7 +525,9 @@ def main() -> None:
                     "of the SMS recipe on the pooled training and validation splits")
     ap.add_argument("--base", default=None, help="the pretrained model to start from (default: "
                     "the `make demo` model, pretrained here where it is missing; `mail`: the "
-                    "demo recipe pretrained on e-mail for 10 minutes, likewise)")
+                    "demo recipe pretrained on e-mail for --mail-minutes, likewise)")
+    ap.add_argument("--mail-minutes", type=int, default=10, help="--base mail: minutes of "
+                    "pretraining on e-mail (default 10)")
     args = ap.parse_args()
     SMS.extend(args.set)
     if args.no_probe:
@@ -535,7 +541,7 @@ def main() -> None:
         print(f"no reference data at {data_dir()} (set SCRATCHLM_DATA): the SMS and "
               "instruction-set parts are skipped")
     start = time.perf_counter()
-    base = (mail_model() if args.base == "mail" else Path(args.base) if args.base
+    base = (mail_model(args.mail_minutes) if args.base == "mail" else Path(args.base) if args.base
             else base_model())
     res: dict = {"base_model": str(base), "parts": parts}
     with tempfile.TemporaryDirectory() as tmp:
