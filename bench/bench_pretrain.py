@@ -1,6 +1,6 @@
 """Pretraining benchmark, on this machine's CPU.
 
-  python bench/bench_pretrain.py [--sections budget,gpt2,side,ablation] [--threads N]
+  python bench/bench_pretrain.py [--sections budget,gpt2,side,ablation,profile] [--threads N]
         side: [--shapes cpu,baby] [--compile] [--steps 20] [--repeats 3] [--baby-batch 64]
         ablation: [--ablation-budget 60 | --ablation-steps N] [--vocab 1024 (the baseline's)]
         budget, ablation: [--recipe YAML] [--set=--K=V]
@@ -30,6 +30,10 @@
    recipe; best validation bits per byte, all rows in one run of the bench, on one tokenizer
    and one set of shards per vocabulary size (the baseline's `--vocab`, today's recipe its
    own), so that they are comparable.
+5. profile (not part of `make bench`): at nanoGPT's CPU recipe shape, where a training step's
+   time goes on each side (torch.profiler: matrix multiplies, attention, GELU, layer norm, the
+   optimizer step, the rest), and candidate levers timed alone against what the step runs:
+   q, k and v as one matmul, attention written out, oneDNN's matmul instead of MKL's.
 Prints Markdown; writes bench/out/pretrain.json. Figures on a shared machine are only as good
 as its load: the load average is printed beside them.
 """
@@ -43,6 +47,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import results as results_file
@@ -280,20 +285,24 @@ def time_scratchlm(model_cfg: ModelConfig, lr: float, batches: list[dict], compi
     return tokens / wall, tokens / cpu, mfu, trainer.peak_info["how"]
 
 
+def nano_model_config(shape: str, vocab: int) -> ModelConfig:
+    """nanoGPT's architecture at one of its SHAPES in scratchlm's terms: GPT-2 parts without
+    biases, its exact GELU."""
+    n_layer, n_head, n_embd, block, _, dropout, _ = SHAPES[shape][1]
+    return ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd, pos_emb="learned", norm="layernorm", mlp="gelu_exact",
+                       bias=False, tie_embeddings=True, dropout=dropout)
+
+
 def side_by_side(args, tmp: Path) -> list[dict]:
     rows = []
     for key in args.shapes.split(","):
-        label, (n_layer, n_head, n_embd, block, batch, dropout, lr) = SHAPES[key]
+        label, (_, _, _, block, batch, _, lr) = SHAPES[key]
         if key == "baby":
             batch = args.baby_batch
             label = label.format(b=batch)
         batches, vocab = char_batches(8, batch, block)
-        # nanoGPT's architecture in scratchlm's terms: GPT-2 parts without biases, its exact
-        # GELU.
-        model_cfg = ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer,
-                                n_head=n_head, n_embd=n_embd, pos_emb="learned",
-                                norm="layernorm", mlp="gelu_exact", bias=False, tie_embeddings=True,
-                                dropout=dropout)
+        model_cfg = nano_model_config(key, vocab)
         for compiled in [False, True] if args.compile else [False]:
             ours, theirs, ours_cpu, theirs_cpu, mfu, peak = [], [], [], [], [], ""
             for rep in range(args.repeats):
@@ -322,6 +331,21 @@ def side_by_side(args, tmp: Path) -> list[dict]:
     return rows
 
 
+def alternating_ms(fns: dict, repeats: int, calls: int) -> dict[str, float]:
+    """{name: milliseconds a call of fns[name]()}: each run of `calls` calls after one untimed
+    call, the functions taking turns, the median of `repeats` runs each (a load that comes and
+    goes falls on all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            fn()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t) / calls * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def dropout_kernels(repeats: int = 5, calls: int = 20) -> list[dict]:
     """Milliseconds of one dropout's forward and backward (rate 0.2), F.dropout against
     scratchlm's, at the baby GPT's sizes (batch 8): the residual stream and the attention
@@ -331,15 +355,102 @@ def dropout_kernels(repeats: int = 5, calls: int = 20) -> list[dict]:
                         ("attention weights, 8 x 6 x 256 x 256", (8, 6, 256, 256))):
         x = torch.randn(shape, requires_grad=True)
         grad = torch.randn(shape)
-        times: dict[str, list[float]] = {"torch": [], "scratchlm": []}
-        for _ in range(repeats):
-            for side, fn in (("torch", F.dropout), ("scratchlm", dropout)):
-                fn(x, 0.2).backward(grad)
-                t = time.perf_counter()
-                for _ in range(calls):
-                    fn(x, 0.2).backward(grad)
-                times[side].append((time.perf_counter() - t) / calls * 1e3)
-        rows.append({"tensor": name, **{k: statistics.median(v) for k, v in times.items()}})
+        fns = {side: (lambda fn=fn, x=x, grad=grad: fn(x, 0.2).backward(grad))
+               for side, fn in (("torch", F.dropout), ("scratchlm", dropout))}
+        rows.append({"tensor": name, **alternating_ms(fns, repeats, calls)})
+    return rows
+
+
+# Where a step's time goes: ops grouped by name (self time), and the optimizer step whole.
+PROFILE_GROUPS = {"matrix multiplies": ("aten::mm", "aten::bmm", "aten::addmm"),
+                  "attention (SDPA)": ("scaled_dot_product",),
+                  "GELU": ("aten::gelu",), "layer norm": ("layer_norm",)}
+
+
+def step_profile(steps: int = 20) -> list[dict]:
+    """The share of each group of PROFILE_GROUPS, the optimizer step and the rest in `steps`
+    training steps of each side at nanoGPT's CPU recipe shape (torch.profiler, one process)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, _, _, block, batch, _, lr = SHAPES["cpu"][1]
+    batches, vocab = char_batches(8, batch, block)
+    cfg = nano_model_config("cpu", vocab)
+    torch.manual_seed(0)
+    nano = NanoGPT(cfg)
+    opt = nano.configure_optimizers(lr, (0.9, 0.99), 0.1)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = scratchlm_trainer(cfg, batch, lr, batches, False, Path(out))
+        sides = {"nanoGPT": lambda b: nanogpt_step(nano, opt, b),
+                 "scratchlm": lambda b: trainer.train_step()}
+        rows = []
+        for side, step in sides.items():
+            for i in range(5):
+                step(batches[i % len(batches)])
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i in range(steps):
+                    step(batches[i % len(batches)])
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events)
+            shares = {g: sum(e.self_cpu_time_total for e in events
+                             if any(k in e.key for k in keys)) / total
+                      for g, keys in PROFILE_GROUPS.items()}
+            shares["optimizer step"] = sum(e.cpu_time_total for e in events
+                                           if e.key.startswith("Optimizer.step")) / total
+            shares["the rest"] = 1.0 - sum(shares.values())
+            rows.append({"side": side, "ms_per_step": total / steps / 1e3, **shares})
+    return rows
+
+
+def cpu_shape_levers(repeats: int = 7, calls: int = 100) -> list[dict]:
+    """Milliseconds of what a step at nanoGPT's CPU recipe shape runs (batch 12, context 64,
+    width 128, 4 heads) against a candidate, the two alternating, median of `repeats` runs of
+    `calls` calls: q, k and v as three matmuls or one (forward and backward); attention through
+    SDPA or written out with baddbmm and a cached causal mask (forward and backward); and at
+    each of the step's matmul shapes, MKL's fp32 matmul (what F.linear runs) or oneDNN's
+    (forward only); and a whole training step of scratchlm with the attention written out
+    (`model.attention=manual`) or through SDPA, 20 steps a run."""
+    _, n_head, C, T, B, _, lr = SHAPES["cpu"][1]
+    hd = C // n_head
+    x, w3 = torch.randn(B, T, C, requires_grad=True), torch.randn(3 * C, C, requires_grad=True)
+    ws = [torch.randn(C, C, requires_grad=True) for _ in range(3)]
+    g = torch.randn(B, T, 3 * C)
+    gs = [part.contiguous() for part in g.split(C, -1)]
+    q, k, v = (torch.randn(B * n_head, T, hd, requires_grad=True) for _ in range(3))
+    go = torch.randn(B * n_head, T, hd)
+    mask = torch.full((T, T), float("-inf")).triu(1).expand(B * n_head, T, T)
+
+    def three() -> None:
+        torch.autograd.backward([F.linear(x, w) for w in ws], gs)
+
+    def sdpa() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
+
+    def written_out() -> None:
+        att = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=1 / math.sqrt(hd))
+        torch.bmm(att.softmax(-1), v).backward(go)
+
+    # (what, today's name and call, the candidate's name and call, calls a run)
+    pairs = [("q, k, v projections, forward + backward", "three matmuls", three, "one matmul",
+              lambda: F.linear(x, w3).backward(g), calls),
+             ("attention, 48 heads x 64 x 32, forward + backward", "SDPA", sdpa,
+              "written out", written_out, calls)]
+    for M, K, N in ((B * T, C, 3 * C), (B * T, C, 4 * C), (B * T, 4 * C, C), (C, B * T, 4 * C)):
+        a, w = torch.randn(M, K), torch.randn(N, K)
+        pairs.append((f"matmul {M} x {K} x {N}, forward", "MKL", lambda a=a, w=w: a @ w.t(),
+                      "oneDNN", lambda a=a, w=w: torch.ops.mkldnn._linear_pointwise(
+                          a, w, None, "none", [], ""), calls))
+    batches, vocab = char_batches(8, B, T)
+    cfg = nano_model_config("cpu", vocab)
+    with tempfile.TemporaryDirectory() as out:
+        fused, manual = (scratchlm_trainer(c, B, lr, batches, False, Path(out) / c.attention)
+                         for c in (cfg, replace(cfg, attention="manual")))
+        pairs.append(("a training step of scratchlm", "SDPA", fused.train_step,
+                      "written out", manual.train_step, 20))
+        rows = []
+        for what, now_name, now, alt_name, alt, n in pairs:
+            ms = alternating_ms({"now": now, "candidate": alt}, repeats, n)
+            rows.append({"what": what, "now": now_name, "candidate": alt_name,
+                         "now_ms": ms["now"], "candidate_ms": ms["candidate"]})
     return rows
 
 
@@ -528,6 +639,22 @@ def report(results: dict, args) -> None:
         for r in results["dropout"]:
             print(f"| {r['tensor']} | {r['torch']:.2f} | {r['scratchlm']:.2f} "
                   f"| {r['torch'] / r['scratchlm']:.1f}x |")
+    if "profile" in results:
+        print("\nWhere a step's time goes at nanoGPT's CPU recipe shape (torch.profiler, 20 "
+              "steps a side, share of the profiled time):\n")
+        groups = [*PROFILE_GROUPS, "optimizer step", "the rest"]
+        print("| side | ms a step, profiled | " + " | ".join(groups) + " |")
+        print("|---|---|" + "---|" * len(groups))
+        for r in results["profile"]:
+            print(f"| {r['side']} | {r['ms_per_step']:.1f} | "
+                  + " | ".join(f"{r[g]:.1%}" for g in groups) + " |")
+        print("\nCandidate levers at that shape (ms a call, median of 7 runs of 100 calls, "
+              "20 for the training step, the two alternating):\n")
+        print("| what | today | ms | candidate | ms | today / candidate |")
+        print("|---|---|---|---|---|---|")
+        for r in results["levers"]:
+            print(f"| {r['what']} | {r['now']} | {r['now_ms']:.3f} | {r['candidate']} | "
+                  f"{r['candidate_ms']:.3f} | {r['now_ms'] / r['candidate_ms']:.2f}x |")
     if "ablation" in results:
         length = f"{args.ablation_steps} steps" if args.ablation_steps else \
             f"{args.ablation_budget:g} s (schedule on the clock)"
@@ -545,7 +672,7 @@ def report(results: dict, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default="budget,gpt2,side,ablation",
-                   help="comma-separated: budget, gpt2, side, ablation")
+                   help="comma-separated: budget, gpt2, side, ablation, profile")
     p.add_argument("--skip-budget", action="store_true", help="leave out the 10-minute run")
     p.add_argument("--compile", action="store_true", help="side: add torch.compile rows")
     p.add_argument("--steps", type=int, default=20, help="side: timed steps per run")
@@ -584,6 +711,9 @@ def main() -> None:
         if "side" in sections:
             results["side"] = side_by_side(args, tmp)
             results["dropout"] = dropout_kernels()
+        if "profile" in sections:
+            results["profile"] = step_profile()
+            results["levers"] = cpu_shape_levers()
         if "ablation" in sections:
             results["ablation"] = ablation(args, tmp)
         if "budget" in sections:
