@@ -260,12 +260,19 @@ def scratchlm_trainer(cfg_model: ModelConfig, batch: int, lr: float, batches: li
                    progress=False)
 
 
+def nanogpt_and_optimizer(model_cfg: ModelConfig, lr: float
+                          ) -> tuple[NanoGPT, torch.optim.Optimizer]:
+    """nanoGPT's model (seed 0, as scratchlm_trainer's) and its AdamW at the settings both sides
+    share (betas 0.9/0.99, decay 0.1)."""
+    torch.manual_seed(0)
+    nano = NanoGPT(model_cfg)
+    return nano, nano.configure_optimizers(lr, (0.9, 0.99), 0.1)
+
+
 def time_nanogpt(model_cfg: ModelConfig, lr: float, batches: list[dict], compiled: bool,
                  args) -> tuple[float, float]:
     """nanoGPT's tokens per second and per CPU second on `batches`."""
-    torch.manual_seed(0)
-    nano = NanoGPT(model_cfg)
-    opt = nano.configure_optimizers(lr, (0.9, 0.99), 0.1)
+    nano, opt = nanogpt_and_optimizer(model_cfg, lr)
     fwd = torch.compile(nano) if compiled else nano
     wall, cpu = timed(lambda b: nanogpt_step(nano, opt, b, fwd), batches, args.warmup,
                       args.steps)
@@ -367,17 +374,14 @@ PROFILE_GROUPS = {"matrix multiplies": ("aten::mm", "aten::bmm", "aten::addmm"),
                   "GELU": ("aten::gelu",), "layer norm": ("layer_norm",)}
 
 
-def step_profile(steps: int = 20) -> list[dict]:
+def step_profile(batches: list[dict], cfg: ModelConfig, steps: int = 20) -> list[dict]:
     """The share of each group of PROFILE_GROUPS, the optimizer step and the rest in `steps`
-    training steps of each side at nanoGPT's CPU recipe shape (torch.profiler, one process)."""
+    training steps of each side on `batches` of nanoGPT's CPU recipe shape, `cfg` (see
+    cpu_shape_levers; torch.profiler, one process)."""
     from torch.profiler import ProfilerActivity, profile
 
-    _, _, _, block, batch, _, lr = SHAPES["cpu"][1]
-    batches, vocab = char_batches(8, batch, block)
-    cfg = nano_model_config("cpu", vocab)
-    torch.manual_seed(0)
-    nano = NanoGPT(cfg)
-    opt = nano.configure_optimizers(lr, (0.9, 0.99), 0.1)
+    batch, lr = batches[0]["idx"].size(0), SHAPES["cpu"][1][6]
+    nano, opt = nanogpt_and_optimizer(cfg, lr)
     with tempfile.TemporaryDirectory() as out:
         trainer = scratchlm_trainer(cfg, batch, lr, batches, False, Path(out))
         sides = {"nanoGPT": lambda b: nanogpt_step(nano, opt, b),
@@ -401,14 +405,16 @@ def step_profile(steps: int = 20) -> list[dict]:
     return rows
 
 
-def cpu_shape_levers(repeats: int = 7, calls: int = 100) -> list[dict]:
+def cpu_shape_levers(batches: list[dict], cfg: ModelConfig, repeats: int = 7,
+                     calls: int = 100) -> list[dict]:
     """Milliseconds of what a step at nanoGPT's CPU recipe shape runs (batch 12, context 64,
     width 128, 4 heads) against a candidate, the two alternating, median of `repeats` runs of
     `calls` calls: q, k and v as three matmuls or one (forward and backward); attention through
     SDPA or written out with baddbmm and a cached causal mask (forward and backward); and at
     each of the step's matmul shapes, MKL's fp32 matmul (what F.linear runs) or oneDNN's
     (forward only); and a whole training step of scratchlm with the attention written out
-    (`model.attention=manual`) or through SDPA, 20 steps a run."""
+    (`model.attention=manual`) or through SDPA, 20 steps a run, on `batches` (`cfg`: nanoGPT's
+    model at that shape)."""
     _, n_head, C, T, B, _, lr = SHAPES["cpu"][1]
     hd = C // n_head
     x, w3 = torch.randn(B, T, C, requires_grad=True), torch.randn(3 * C, C, requires_grad=True)
@@ -439,8 +445,6 @@ def cpu_shape_levers(repeats: int = 7, calls: int = 100) -> list[dict]:
         pairs.append((f"matmul {M} x {K} x {N}, forward", "MKL", lambda a=a, w=w: a @ w.t(),
                       "oneDNN", lambda a=a, w=w: torch.ops.mkldnn._linear_pointwise(
                           a, w, None, "none", [], ""), calls))
-    batches, vocab = char_batches(8, B, T)
-    cfg = nano_model_config("cpu", vocab)
     with tempfile.TemporaryDirectory() as out:
         fused, manual = (scratchlm_trainer(c, B, lr, batches, False, Path(out) / c.attention)
                          for c in (cfg, replace(cfg, attention="manual")))
@@ -712,8 +716,11 @@ def main() -> None:
             results["side"] = side_by_side(args, tmp)
             results["dropout"] = dropout_kernels()
         if "profile" in sections:
-            results["profile"] = step_profile()
-            results["levers"] = cpu_shape_levers()
+            _, _, _, block, batch, _, _ = SHAPES["cpu"][1]
+            batches, vocab = char_batches(8, batch, block)
+            cfg = nano_model_config("cpu", vocab)
+            results["profile"] = step_profile(batches, cfg)
+            results["levers"] = cpu_shape_levers(batches, cfg)
         if "ablation" in sections:
             results["ablation"] = ablation(args, tmp)
         if "budget" in sections:
