@@ -707,6 +707,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
+    unknown = sorted(sections - {"budget", "gpt2", "side", "ablation", "profile"})
+    if unknown:
+        p.error(f"--sections: no section {unknown[0]!r}; choose from budget, gpt2, side, "
+                "ablation, profile")
     if args.skip_budget:
         sections.discard("budget")
     results: dict = {"load_average_start": os.getloadavg()[0], "cpus": os.cpu_count()}
